@@ -1,0 +1,1 @@
+from .mask_former_head import MaskFormerHead, build_pixel_decoder, build_sem_seg_head, build_transformer_decoder

@@ -1,0 +1,1 @@
+from .mask_former import MaskFormer, pad_images

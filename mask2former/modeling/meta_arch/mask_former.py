@@ -1,0 +1,180 @@
+"""MaskFormer meta architecture (used by both Mask2Former and MaskFormer v1 configs).
+
+Input: a list of dicts, one per image, with "image": (C, H, W) tensor in INPUT.FORMAT channel
+order (float or uint8, 0..255) and optionally "height"/"width", the output resolution.
+Output in eval mode: one dict per image with any of
+    "sem_seg": (K, height, width) class probabilities,
+    "panoptic_seg": (int32 (height, width) segment ids, [{"id", "category_id", "isthing"}, ...]),
+    "instances": Instances with pred_masks (N, height, width), scores, pred_classes, pred_boxes.
+"""
+import logging
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ...config.configurable import configurable
+from ...data.catalog import MetadataCatalog, thing_contiguous_ids
+from ...utils.registry import META_ARCH_REGISTRY
+from .. import postprocessing as post
+from ..backbone import build_backbone
+from ..criterion import build_criterion
+from ..heads import build_sem_seg_head
+
+logger = logging.getLogger(__name__)
+
+
+def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 0,
+               pad_value: float = 0.0) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+    """Stack (C, h_i, w_i) images into (N, C, H, W), padding bottom/right to the largest size
+    rounded up to a multiple of ``size_divisibility``. Returns the batch and the (h_i, w_i)."""
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    max_h, max_w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    if size_divisibility > 1:
+        max_h = -(-max_h // size_divisibility) * size_divisibility
+        max_w = -(-max_w // size_divisibility) * size_divisibility
+    if len(images) == 1:
+        h, w = sizes[0]
+        batch = F.pad(images[0], (0, max_w - w, 0, max_h - h), value=pad_value).unsqueeze(0)
+        return batch, sizes
+    batch = images[0].new_full((len(images), images[0].shape[0], max_h, max_w), pad_value)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+    return batch, sizes
+
+
+def thing_ids_for(cfg) -> Optional[Set[int]]:
+    """Contiguous ids of "thing" classes: from the metadata of DATASETS.TEST[0], else
+    DATASETS.TRAIN[0]; None when neither dataset has a category table (then every class is
+    treated as a thing: each query's segment stands alone, none are merged as stuff)."""
+    for name in list(cfg.DATASETS.TEST[:1]) + list(cfg.DATASETS.TRAIN[:1]):
+        ids = thing_contiguous_ids(MetadataCatalog.get(name))
+        if ids is not None:
+            return ids
+    return None
+
+
+@META_ARCH_REGISTRY.register()
+class MaskFormer(nn.Module):
+    """Backbone -> MaskFormerHead -> task post-processing. Keys: backbone.*, sem_seg_head.*,
+    criterion.empty_weight."""
+
+    @configurable
+    def __init__(self, *, backbone: nn.Module, sem_seg_head: nn.Module, criterion: nn.Module, num_queries: int,
+                 object_mask_threshold: float, overlap_threshold: float, thing_ids: Optional[Set[int]] = None,
+                 size_divisibility: int, sem_seg_postprocess_before_inference: bool,
+                 pixel_mean: Tuple[float, ...], pixel_std: Tuple[float, ...], semantic_on: bool = True,
+                 panoptic_on: bool = False, instance_on: bool = False, test_topk_per_image: int = 100):
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+        self.num_queries = num_queries
+        self.overlap_threshold = overlap_threshold
+        self.object_mask_threshold = object_mask_threshold
+        self.thing_ids = thing_ids
+        if size_divisibility < 0:
+            size_divisibility = backbone.size_divisibility
+        self.size_divisibility = size_divisibility
+        if len(pixel_mean) != len(pixel_std):
+            raise ValueError(f"MODEL.PIXEL_MEAN {pixel_mean} and MODEL.PIXEL_STD {pixel_std} differ in length")
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        if not semantic_on and not sem_seg_postprocess_before_inference:
+            raise ValueError("with SEMANTIC_ON off, masks must be resized before inference "
+                             "(SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE)")
+        self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
+        self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
+        self.test_topk_per_image = test_topk_per_image
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        test = cfg.MODEL.MASK_FORMER.TEST
+        return {
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "criterion": build_criterion(cfg, sem_seg_head.num_classes),
+            "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
+            "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": test.OVERLAP_THRESHOLD,
+            "thing_ids": thing_ids_for(cfg),
+            "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
+            # panoptic and instance outputs are defined on masks at the output resolution
+            "sem_seg_postprocess_before_inference": (
+                test.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE or test.PANOPTIC_ON or test.INSTANCE_ON),
+            "pixel_mean": tuple(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
+            "semantic_on": test.SEMANTIC_ON,
+            "instance_on": test.INSTANCE_ON,
+            "panoptic_on": test.PANOPTIC_ON,
+            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def _check_image(self, i: int, image) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"batched_inputs[{i}]['image'] must be a torch.Tensor (C, H, W); got {type(image).__name__}")
+        c = self.pixel_mean.shape[0]
+        if image.dim() != 3 or image.shape[0] != c:
+            raise ValueError(
+                f"batched_inputs[{i}]['image'] must have shape ({c}, H, W) in INPUT.FORMAT channel order "
+                f"(CHW, not HWC); got {tuple(image.shape)}")
+        if not (image.is_floating_point() or image.dtype == torch.uint8):
+            raise TypeError(
+                f"batched_inputs[{i}]['image'] must be float or uint8 with values in 0..255; got {image.dtype}")
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"batched_inputs[{i}]['image'] is empty: shape {tuple(image.shape)}")
+        return image
+
+    def preprocess(self, batched_inputs: List[Dict]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+        if not isinstance(batched_inputs, (list, tuple)) or not batched_inputs:
+            raise TypeError("the model takes a non-empty list of dicts, one per image, each with an 'image' key")
+        images = []
+        for i, x in enumerate(batched_inputs):
+            if not isinstance(x, dict) or "image" not in x:
+                raise TypeError(f"batched_inputs[{i}] must be a dict with an 'image' tensor")
+            image = self._check_image(i, x["image"]).to(self.device)
+            images.append((image.float() - self.pixel_mean) / self.pixel_std)
+        return pad_images(images, self.size_divisibility)
+
+    def forward(self, batched_inputs: List[Dict]):
+        images, image_sizes = self.preprocess(batched_inputs)
+        features = self.backbone(images)
+        outputs = self.sem_seg_head(features)
+        if self.training:
+            return self.criterion.losses(outputs, batched_inputs, images)
+        return self.postprocess(outputs, batched_inputs, image_sizes, tuple(images.shape[-2:]))
+
+    def postprocess(self, outputs, batched_inputs, image_sizes, padded_size):
+        mask_pred_results = F.interpolate(outputs["pred_masks"], size=padded_size, mode="bilinear",
+                                          align_corners=False)
+        results = []
+        for mask_cls, mask_pred, inp, image_size in zip(outputs["pred_logits"], mask_pred_results, batched_inputs,
+                                                        image_sizes):
+            height = int(inp.get("height", image_size[0]))
+            width = int(inp.get("width", image_size[1]))
+            res = {}
+            if self.sem_seg_postprocess_before_inference:
+                mask_pred = post.sem_seg_postprocess(mask_pred, image_size, height, width)
+                mask_cls = mask_cls.to(mask_pred)
+            if self.semantic_on:
+                r = post.semantic_inference(mask_cls, mask_pred)
+                if not self.sem_seg_postprocess_before_inference:
+                    r = post.sem_seg_postprocess(r, image_size, height, width)
+                res["sem_seg"] = r
+            if self.panoptic_on:
+                res["panoptic_seg"] = post.panoptic_inference(
+                    mask_cls, mask_pred, num_classes=self.sem_seg_head.num_classes, thing_ids=self.thing_ids,
+                    object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold)
+            if self.instance_on:
+                res["instances"] = post.instance_inference(
+                    mask_cls, mask_pred, num_classes=self.sem_seg_head.num_classes, topk=self.test_topk_per_image,
+                    thing_ids=self.thing_ids if self.panoptic_on else None)
+            results.append(res)
+        return results

@@ -1,0 +1,2 @@
+from .fpn import BasePixelDecoder, TransformerEncoderPixelDecoder
+from .msdeformattn import MSDeformAttnPixelDecoder

@@ -1,0 +1,2 @@
+from .mask2former_transformer_decoder import MultiScaleMaskedTransformerDecoder
+from .maskformer_transformer_decoder import StandardTransformerDecoder

@@ -1,0 +1,144 @@
+"""Mask2Former's transformer decoder with masked cross-attention.
+
+Each query attends only to pixels where its mask predicted by the previous layer is foreground
+(sigmoid >= 0.5). Layers cycle over the three pixel-decoder scales, coarsest first.
+
+Shapes: x: 3 maps (N, C_in, H_l, W_l); mask_features (N, mask_dim, H/4, W/4);
+outputs pred_logits (N, Q, K+1), pred_masks (N, Q, H/4, W/4), aux_outputs: one dict per earlier
+prediction (the learnable-query prediction first).
+"""
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ...config.configurable import configurable
+from ...layers import (
+    MLP,
+    Conv2d,
+    CrossAttentionLayer,
+    FFNLayer,
+    PositionEmbeddingSine,
+    SelfAttentionLayer,
+    c2_xavier_fill,
+)
+from ...utils.registry import TRANSFORMER_DECODER_REGISTRY
+
+logger = logging.getLogger(__name__)
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class MultiScaleMaskedTransformerDecoder(nn.Module):
+    """Keys: transformer_{self,cross}_attention_layers.{i}, transformer_ffn_layers.{i}, decoder_norm,
+    query_feat, query_embed, level_embed, input_proj.{l} (only when C_in != hidden_dim),
+    class_embed, mask_embed.layers.{0,1,2}."""
+
+    _version = 2
+    num_feature_levels = 3
+
+    @configurable
+    def __init__(self, in_channels: int, mask_classification: bool = True, *, num_classes: int, hidden_dim: int,
+                 num_queries: int, nheads: int, dim_feedforward: int, dec_layers: int, pre_norm: bool,
+                 mask_dim: int, enforce_input_project: bool):
+        super().__init__()
+        if not mask_classification:
+            raise ValueError("MultiScaleMaskedTransformerDecoder only supports mask classification")
+        self.mask_classification = True
+        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.num_heads = nheads
+        self.num_layers = dec_layers
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(hidden_dim, nheads, 0.0, pre_norm) for _ in range(dec_layers))
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, nheads, 0.0, pre_norm) for _ in range(dec_layers))
+        self.transformer_ffn_layers = nn.ModuleList(
+            FFNLayer(hidden_dim, dim_feedforward, 0.0, normalize_before=pre_norm) for _ in range(dec_layers))
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.num_queries = num_queries
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable query features
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learnable query positions
+        self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
+        self.input_proj = nn.ModuleList()
+        for _ in range(self.num_feature_levels):
+            if in_channels != hidden_dim or enforce_input_project:
+                proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
+                c2_xavier_fill(proj)
+                self.input_proj.append(proj)
+            else:
+                self.input_proj.append(nn.Identity())
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+
+    @classmethod
+    def from_config(cls, cfg, in_channels, mask_classification):
+        mf = cfg.MODEL.MASK_FORMER
+        if mf.DEC_LAYERS < 1:
+            raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS must be >= 1; got {mf.DEC_LAYERS}")
+        return {
+            "in_channels": in_channels,
+            "mask_classification": mask_classification,
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "hidden_dim": mf.HIDDEN_DIM,
+            "num_queries": mf.NUM_OBJECT_QUERIES,
+            "nheads": mf.NHEADS,
+            "dim_feedforward": mf.DIM_FEEDFORWARD,
+            # DEC_LAYERS counts the prediction made from the learnable queries themselves
+            "dec_layers": mf.DEC_LAYERS - 1,
+            "pre_norm": mf.PRE_NORM,
+            "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
+            "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+        }
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        # checkpoints from before version 2 named the query features "static_query"
+        if local_metadata.get("version", 2) < 2:
+            for k in [k for k in state_dict if k.startswith(prefix) and "static_query" in k]:
+                state_dict[k.replace("static_query", "query_feat")] = state_dict.pop(k)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def forward(self, x, mask_features, mask=None):
+        if len(x) != self.num_feature_levels:
+            raise ValueError(f"expected {self.num_feature_levels} feature maps, got {len(x)}")
+        src, pos, sizes = [], [], []
+        for i in range(self.num_feature_levels):
+            sizes.append(x[i].shape[-2:])
+            pos.append(self.pe_layer(x[i]).flatten(2).permute(2, 0, 1))
+            s = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
+            src.append(s.permute(2, 0, 1))  # (HW, N, C)
+        bs = src[0].shape[1]
+        query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
+
+        logits, masks, attn_mask = self.prediction_heads(output, mask_features, sizes[0])
+        all_logits, all_masks = [logits], [masks]
+        for i in range(self.num_layers):
+            level = i % self.num_feature_levels
+            # a query whose mask is empty at this scale attends everywhere instead of nowhere
+            attn_mask[attn_mask.all(-1)] = False
+            output = self.transformer_cross_attention_layers[i](
+                output, src[level], memory_mask=attn_mask, pos=pos[level], query_pos=query_pos)
+            output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
+            output = self.transformer_ffn_layers[i](output)
+            logits, masks, attn_mask = self.prediction_heads(
+                output, mask_features, sizes[(i + 1) % self.num_feature_levels])
+            all_logits.append(logits)
+            all_masks.append(masks)
+        return {
+            "pred_logits": all_logits[-1],
+            "pred_masks": all_masks[-1],
+            "aux_outputs": [{"pred_logits": a, "pred_masks": b} for a, b in zip(all_logits[:-1], all_masks[:-1])],
+        }
+
+    def prediction_heads(self, output, mask_features, attn_mask_size, with_attn_mask: bool = True):
+        """output (Q, N, C) -> logits (N, Q, K+1), masks (N, Q, H/4, W/4) and the next layer's
+        attention mask (N*heads, Q, h*w) bool, True = not attended."""
+        decoded = self.decoder_norm(output).transpose(0, 1)
+        logits = self.class_embed(decoded)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
+        if not with_attn_mask:
+            return logits, masks, None
+        attn = F.interpolate(masks, size=attn_mask_size, mode="bilinear", align_corners=False)
+        # sigmoid() < 0.5 rather than x < 0: the two differ where sigmoid rounds to exactly 0.5
+        attn = (attn.sigmoid().flatten(2) < 0.5).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
+        return logits, masks, attn.detach()

@@ -1,0 +1,89 @@
+"""Multi-scale deformable attention (Deformable DETR), pure-PyTorch reference.
+
+Shape legend:
+    N  batch size            S  sum over levels of H_l * W_l (flattened value length)
+    M  attention heads       D  channels per head
+    Lq number of queries     L  feature levels          P  sampling points per level
+
+``ms_deform_attn`` is the entry point the model calls; compiled kernels plug in behind it
+(see the ops issue). ``ms_deform_attn_reference`` is the plain implementation every fast
+path is tested against.
+"""
+from typing import Sequence
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "check_ms_deform_attn_inputs"]
+
+
+def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Validate ranks, sizes and dtypes; raise ValueError naming the offending argument."""
+    if value.dim() != 4:
+        raise ValueError(f"value must be (N, S, M, D); got shape {tuple(value.shape)}")
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(f"spatial_shapes must be (L, 2); got shape {tuple(spatial_shapes.shape)}")
+    if level_start_index.dim() != 1 or level_start_index.shape[0] != spatial_shapes.shape[0]:
+        raise ValueError(
+            f"level_start_index must be (L,) with L={spatial_shapes.shape[0]}; "
+            f"got shape {tuple(level_start_index.shape)}"
+        )
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            f"sampling_locations must be (N, Lq, M, L, P, 2); got shape {tuple(sampling_locations.shape)}"
+        )
+    if attention_weights.dim() != 5:
+        raise ValueError(
+            f"attention_weights must be (N, Lq, M, L, P); got shape {tuple(attention_weights.shape)}"
+        )
+    n, s, m, _ = value.shape
+    n2, lq, m2, nl, p, _ = sampling_locations.shape
+    if (n2, m2, nl) != (n, m, spatial_shapes.shape[0]):
+        raise ValueError(
+            f"sampling_locations {tuple(sampling_locations.shape)} disagrees with value "
+            f"{tuple(value.shape)} / spatial_shapes (L={spatial_shapes.shape[0]}) in N, M or L"
+        )
+    if tuple(attention_weights.shape) != (n, lq, m, nl, p):
+        raise ValueError(
+            f"attention_weights must have shape {(n, lq, m, nl, p)}; got {tuple(attention_weights.shape)}"
+        )
+    total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+    if total != s:
+        raise ValueError(f"value has S={s} positions but spatial_shapes sum to {total}")
+    if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
+        raise ValueError(
+            "value, sampling_locations and attention_weights must share a dtype; got "
+            f"{value.dtype}, {sampling_locations.dtype}, {attention_weights.dtype}"
+        )
+
+
+def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Bilinear sampling of each level with ``grid_sample`` (zero padding, align_corners=False).
+
+    value (N, S, M, D); spatial_shapes (L, 2) int64 as (H, W); level_start_index (L,);
+    sampling_locations (N, Lq, M, L, P, 2) normalised (x, y) in [0, 1];
+    attention_weights (N, Lq, M, L, P). Returns (N, Lq, M*D).
+    """
+    n, _, m, d = value.shape
+    _, lq, _, nl, p, _ = sampling_locations.shape
+    sizes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [int(s) for s in level_start_index.tolist()]
+    # grid_sample wants coordinates in [-1, 1]
+    grids = sampling_locations * 2 - 1
+    sampled = []
+    for lvl, (h, w) in enumerate(sizes):
+        v = value[:, starts[lvl]: starts[lvl] + h * w]  # (N, HW, M, D)
+        v = v.permute(0, 2, 3, 1).reshape(n * m, d, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).reshape(n * m, lq, p, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # (N*M, D, Lq, L, P) weighted over L*P
+    stacked = torch.stack(sampled, dim=-2).flatten(-2)
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, nl * p)
+    out = (stacked * weights).sum(-1).view(n, m * d, lq)
+    return out.transpose(1, 2).contiguous()
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Multi-scale deformable attention; see the module docstring for shapes."""
+    check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
