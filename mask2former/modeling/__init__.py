@@ -13,11 +13,22 @@ from .backbone import build_backbone
 from .heads import MaskFormerHead, build_pixel_decoder, build_sem_seg_head, build_transformer_decoder
 from .meta_arch import MaskFormer
 
+logger = logging.getLogger(__name__)
 
-def build_model(cfg):
-    """Build the model named by MODEL.META_ARCHITECTURE on MODEL.DEVICE (no weights loaded;
-    see ``mask2former.load_checkpoint`` and MODEL.WEIGHTS)."""
+
+def build_model(cfg, load_weights=None):
+    """Build the model named by MODEL.META_ARCHITECTURE on MODEL.DEVICE.
+
+    MODEL.WEIGHTS, when set, is loaded with ``load_checkpoint``. ``load_weights``: True requires
+    the file (FileNotFoundError naming MODEL.WEIGHTS otherwise); None (default) loads it if it
+    exists and warns if not — official configs name ImageNet initialisations such as
+    "R-50.pkl" that only training needs; False never loads.
+    """
+    import os
+
     import torch
+
+    from ..checkpoint import load_checkpoint
 
     name = cfg.MODEL.META_ARCHITECTURE
     if name not in META_ARCH_REGISTRY:
@@ -26,6 +37,16 @@ def build_model(cfg):
     model = META_ARCH_REGISTRY.get(name)(cfg)
     device = cfg.MODEL.DEVICE
     if device.startswith("cuda") and not torch.cuda.is_available():
-        logging.getLogger(__name__).warning("MODEL.DEVICE is %r but CUDA is not available; using the CPU", device)
+        logger.warning("MODEL.DEVICE is %r but CUDA is not available; using the CPU", device)
         device = "cpu"
-    return model.to(torch.device(device))
+    model = model.to(torch.device(device))
+    weights = cfg.MODEL.WEIGHTS
+    if weights and load_weights is not False:
+        if os.path.isfile(weights):
+            load_checkpoint(model, weights)
+        elif load_weights:
+            raise FileNotFoundError(f"MODEL.WEIGHTS = {weights!r}: no such file")
+        else:
+            logger.warning("MODEL.WEIGHTS = %r does not exist; the model keeps its random initialisation "
+                           "(set MODEL.WEIGHTS to a checkpoint, or '' to silence this)", weights)
+    return model

@@ -132,7 +132,8 @@ class MaskFormer(nn.Module):
             raise ValueError(f"batched_inputs[{i}]['image'] is empty: shape {tuple(image.shape)}")
         return image
 
-    def preprocess(self, batched_inputs: List[Dict]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+    def normalize(self, batched_inputs: List[Dict]) -> List[torch.Tensor]:
+        """Validate the inputs; return normalised (C, h, w) float images on the model's device."""
         if not isinstance(batched_inputs, (list, tuple)) or not batched_inputs:
             raise TypeError("the model takes a non-empty list of dicts, one per image, each with an 'image' key")
         images = []
@@ -141,15 +142,38 @@ class MaskFormer(nn.Module):
                 raise TypeError(f"batched_inputs[{i}] must be a dict with an 'image' tensor")
             image = self._check_image(i, x["image"]).to(self.device)
             images.append((image.float() - self.pixel_mean) / self.pixel_std)
-        return pad_images(images, self.size_divisibility)
+        return images
+
+    def preprocess(self, batched_inputs: List[Dict]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+        """Normalise and pad into one (N, C, H, W) batch; returns it and the unpadded sizes."""
+        return pad_images(self.normalize(batched_inputs), self.size_divisibility)
 
     def forward(self, batched_inputs: List[Dict]):
-        images, image_sizes = self.preprocess(batched_inputs)
-        features = self.backbone(images)
-        outputs = self.sem_seg_head(features)
         if self.training:
-            return self.criterion.losses(outputs, batched_inputs, images)
-        return self.postprocess(outputs, batched_inputs, image_sizes, tuple(images.shape[-2:]))
+            images, _ = self.preprocess(batched_inputs)
+            return self.criterion.losses(self.sem_seg_head(self.backbone(images)), batched_inputs, images)
+        return self.inference(batched_inputs)
+
+    def inference(self, batched_inputs: List[Dict]) -> List[Dict]:
+        """Padding changes the features (normalisation statistics, attention over padded pixels),
+        so images are batched only with images of the same padded size: a list of images gives
+        exactly the per-image results."""
+        images = self.normalize(batched_inputs)
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(self._padded_size(im), []).append(i)
+        results: List[Optional[Dict]] = [None] * len(images)
+        for idx in groups.values():
+            batch, sizes = pad_images([images[i] for i in idx], self.size_divisibility)
+            outputs = self.sem_seg_head(self.backbone(batch))
+            group_results = self.postprocess(outputs, [batched_inputs[i] for i in idx], sizes, tuple(batch.shape[-2:]))
+            for i, r in zip(idx, group_results):
+                results[i] = r
+        return results
+
+    def _padded_size(self, image: torch.Tensor) -> Tuple[int, int]:
+        d = max(self.size_divisibility, 1)
+        return (-(-image.shape[-2] // d) * d, -(-image.shape[-1] // d) * d)
 
     def postprocess(self, outputs, batched_inputs, image_sizes, padded_size):
         mask_pred_results = F.interpolate(outputs["pred_masks"], size=padded_size, mode="bilinear",
