@@ -184,11 +184,12 @@ def test_batched_equals_single_and_uint8_equals_float(panoptic_model):
         single = [model([{"image": im.float(), "height": 40, "width": 60}])[0] for im in images]
     for b, s in zip(batched, single):
         assert b["sem_seg"].shape == (133, 40, 60)
-        torch.testing.assert_close(b["sem_seg"], s["sem_seg"], atol=1e-5, rtol=0)
+        # same-size images share a batch: equal up to float summation order
+        torch.testing.assert_close(b["sem_seg"], s["sem_seg"], atol=1e-4, rtol=0)
         assert b["panoptic_seg"][1] == s["panoptic_seg"][1]
         assert torch.equal(b["panoptic_seg"][0], s["panoptic_seg"][0])
         assert torch.equal(b["instances"].pred_classes, s["instances"].pred_classes)
-        torch.testing.assert_close(b["instances"].scores, s["instances"].scores, atol=1e-5, rtol=0)
+        torch.testing.assert_close(b["instances"].scores, s["instances"].scores, atol=1e-4, rtol=0)
         assert b["instances"].pred_masks.shape[-2:] == (40, 60)
 
 
