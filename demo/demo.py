@@ -22,10 +22,11 @@ from typing import List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
     import mask2former  # noqa: F401
 except ImportError:  # running from a checkout: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, _REPO_ROOT)
 
 from mask2former import get_cfg  # noqa: E402
 from mask2former.engine import Predictor  # noqa: E402
@@ -33,7 +34,7 @@ from mask2former.utils.visualizer import Visualizer  # noqa: E402
 
 logger = logging.getLogger("mask2former.demo")
 
-DEFAULT_CONFIG = "configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml"
+DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -134,6 +135,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not inputs:
         logger.error("no input images")
         return 1
+    if len(inputs) > 1 and args.output.lower().endswith(_IMAGE_EXTS) and not os.path.isdir(args.output):
+        parser.error(f"--output {args.output!r} names one image file but there are {len(inputs)} inputs; "
+                     "give a folder")
     try:
         cfg = setup_cfg(args)
         predictor = Predictor(cfg)

@@ -216,3 +216,6 @@ def test_demo_output_paths(demo, tmp_path):
     assert demo.output_paths("out", ["x/a.jpg", "y/a.png", "b.jpeg"]) == [
         str(Path("out") / "a.png"), str(Path("out") / "a_1.png"), str(Path("out") / "b.png")]
     assert demo.get_parser().parse_args(["--input", "a.jpg"]).confidence_threshold == 0.5
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    with pytest.raises(SystemExit):  # one output file for two inputs
+        demo.main(["--input", str(a), str(b), "--output", str(tmp_path / "vis.png")])

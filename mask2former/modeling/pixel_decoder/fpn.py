@@ -31,6 +31,15 @@ def fpn_lateral_conv(in_channels: int, conv_dim: int, norm) -> Conv2d:
     return conv
 
 
+def add_fpn_level(module: nn.Module, idx: int, in_channels: int, conv_dim: int, norm):
+    """Create and register ``adapter_{idx+1}`` (1x1 lateral) and ``layer_{idx+1}`` (3x3 output)."""
+    lateral = fpn_lateral_conv(in_channels, conv_dim, norm)
+    output = fpn_output_conv(conv_dim, conv_dim, norm)
+    module.add_module(f"adapter_{idx + 1}", lateral)
+    module.add_module(f"layer_{idx + 1}", output)
+    return lateral, output
+
+
 def fpn_merge(lateral: Conv2d, output: Conv2d, x, top, mode: str):
     """Top-down step: lateral(x) + upsample(top) -> output conv."""
     lat = lateral(x)
@@ -71,14 +80,13 @@ class BasePixelDecoder(nn.Module):
         n = len(channels)
         lateral_convs, output_convs = [], []
         for idx, ch in enumerate(channels):
-            if idx == n - 1:
-                lateral_convs.append(None)
-                output_convs.append(fpn_output_conv(ch, conv_dim, norm))
+            if idx == n - 1:  # the coarsest level has no lateral
+                lateral, output = None, fpn_output_conv(ch, conv_dim, norm)
+                self.add_module(f"layer_{idx + 1}", output)
             else:
-                lateral_convs.append(fpn_lateral_conv(ch, conv_dim, norm))
-                output_convs.append(fpn_output_conv(conv_dim, conv_dim, norm))
-                self.add_module(f"adapter_{idx + 1}", lateral_convs[-1])
-            self.add_module(f"layer_{idx + 1}", output_convs[-1])
+                lateral, output = add_fpn_level(self, idx, ch, conv_dim, norm)
+            lateral_convs.append(lateral)
+            output_convs.append(output)
         # coarsest first, as they are used top-down
         self.lateral_convs = lateral_convs[::-1]
         self.output_convs = output_convs[::-1]

@@ -17,9 +17,8 @@ from ...layers import Conv2d, MSDeformAttn, PositionEmbeddingSine, ShapeSpec, c2
 from ...utils.registry import PIXEL_DECODER_REGISTRY
 from .fpn import (
     NUM_MULTI_SCALE_FEATURES,
-    fpn_lateral_conv,
+    add_fpn_level,
     fpn_merge,
-    fpn_output_conv,
     pixel_decoder_input_shape,
     sorted_by_stride,
 )
@@ -160,14 +159,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.common_stride = common_stride
         stride = min(self.transformer_feature_strides)
         self.num_fpn_levels = max(0, (stride // common_stride).bit_length() - 1)  # log2(stride / common_stride)
-        lateral_convs, output_convs = [], []
-        for idx, ch in enumerate(self.feature_channels[: self.num_fpn_levels]):
-            lateral_convs.append(fpn_lateral_conv(ch, conv_dim, norm))
-            output_convs.append(fpn_output_conv(conv_dim, conv_dim, norm))
-            self.add_module(f"adapter_{idx + 1}", lateral_convs[-1])
-            self.add_module(f"layer_{idx + 1}", output_convs[-1])
-        self.lateral_convs = lateral_convs[::-1]
-        self.output_convs = output_convs[::-1]
+        levels = [add_fpn_level(self, idx, ch, conv_dim, norm)
+                  for idx, ch in enumerate(self.feature_channels[: self.num_fpn_levels])]
+        # coarsest first, as they are used top-down
+        self.lateral_convs = [lat for lat, _ in levels][::-1]
+        self.output_convs = [out for _, out in levels][::-1]
 
     @classmethod
     def from_config(cls, cfg, input_shape):

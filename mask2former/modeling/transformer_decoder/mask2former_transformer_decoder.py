@@ -24,6 +24,7 @@ from ...layers import (
     c2_xavier_fill,
 )
 from ...utils.registry import TRANSFORMER_DECODER_REGISTRY
+from .common import decoder_args_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -75,20 +76,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mf = cfg.MODEL.MASK_FORMER
         if mf.DEC_LAYERS < 1:
             raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS must be >= 1; got {mf.DEC_LAYERS}")
-        return {
-            "in_channels": in_channels,
-            "mask_classification": mask_classification,
-            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "hidden_dim": mf.HIDDEN_DIM,
-            "num_queries": mf.NUM_OBJECT_QUERIES,
-            "nheads": mf.NHEADS,
-            "dim_feedforward": mf.DIM_FEEDFORWARD,
-            # DEC_LAYERS counts the prediction made from the learnable queries themselves
-            "dec_layers": mf.DEC_LAYERS - 1,
-            "pre_norm": mf.PRE_NORM,
-            "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
-            "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
-        }
+        # DEC_LAYERS counts the prediction made from the learnable queries themselves
+        return {**decoder_args_from_config(cfg, in_channels, mask_classification), "dec_layers": mf.DEC_LAYERS - 1}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # checkpoints from before version 2 named the query features "static_query"

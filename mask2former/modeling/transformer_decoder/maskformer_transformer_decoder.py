@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from ...config.configurable import configurable
 from ...layers import MLP, Conv2d, PositionEmbeddingSine, TransformerDecoderLayer, TransformerEncoderLayer, c2_xavier_fill, clones
 from ...utils.registry import TRANSFORMER_DECODER_REGISTRY
+from .common import decoder_args_from_config
 
 
 class Transformer(nn.Module):
@@ -89,20 +90,11 @@ class StandardTransformerDecoder(nn.Module):
     def from_config(cls, cfg, in_channels, mask_classification):
         mf = cfg.MODEL.MASK_FORMER
         return {
-            "in_channels": in_channels,
-            "mask_classification": mask_classification,
-            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "hidden_dim": mf.HIDDEN_DIM,
-            "num_queries": mf.NUM_OBJECT_QUERIES,
-            "nheads": mf.NHEADS,
+            **decoder_args_from_config(cfg, in_channels, mask_classification),
             "dropout": mf.DROPOUT,
-            "dim_feedforward": mf.DIM_FEEDFORWARD,
             "enc_layers": mf.ENC_LAYERS,
             "dec_layers": mf.DEC_LAYERS,
-            "pre_norm": mf.PRE_NORM,
             "deep_supervision": mf.DEEP_SUPERVISION,
-            "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
-            "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
         }
 
     def forward(self, x, mask_features, mask=None):
