@@ -5,20 +5,32 @@ Shape legend:
     M  attention heads       D  channels per head
     Lq number of queries     L  feature levels          P  sampling points per level
 
-``ms_deform_attn`` is the entry point the model calls; compiled kernels plug in behind it
-(see the ops issue). ``ms_deform_attn_reference`` is the plain implementation every fast
-path is tested against.
+``ms_deform_attn`` is the entry point the model calls. It runs the compiled operator
+``torch.ops.mask2former.ms_deform_attn`` (C++ CPU kernel; CUDA kernel when built, see
+``_extension``) when available, else ``ms_deform_attn_reference``, the plain implementation
+every fast path is tested against. Both paths support autograd.
 """
 from typing import Sequence
 
 import torch
 from torch.nn import functional as F
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "check_ms_deform_attn_inputs"]
+from . import _extension
+
+__all__ = [
+    "ms_deform_attn",
+    "ms_deform_attn_reference",
+    "check_ms_deform_attn_inputs",
+    "check_ms_deform_attn_shapes",
+]
+
+# dtypes the compiled kernels implement; others (half, bfloat16) run the reference.
+_COMPILED_DTYPES = (torch.float32, torch.float64)
 
 
-def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Validate ranks, sizes and dtypes; raise ValueError naming the offending argument."""
+def check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Validate ranks, sizes and dtypes without reading tensor data (usable on fake tensors and
+    under torch.compile); raise ValueError naming the offending argument."""
     if value.dim() != 4:
         raise ValueError(f"value must be (N, S, M, D); got shape {tuple(value.shape)}")
     if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
@@ -47,14 +59,24 @@ def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampli
         raise ValueError(
             f"attention_weights must have shape {(n, lq, m, nl, p)}; got {tuple(attention_weights.shape)}"
         )
-    total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
-    if total != s:
-        raise ValueError(f"value has S={s} positions but spatial_shapes sum to {total}")
     if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
         raise ValueError(
             "value, sampling_locations and attention_weights must share a dtype; got "
             f"{value.dtype}, {sampling_locations.dtype}, {attention_weights.dtype}"
         )
+
+
+def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """``check_ms_deform_attn_shapes`` plus the check that the level sizes sum to S, which reads
+    ``spatial_shapes`` and is therefore skipped while torch.compile / torch.export trace (the
+    compiled kernel checks it again at run time)."""
+    check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if torch.compiler.is_compiling():
+        return
+    s = value.shape[1]
+    total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+    if total != s:
+        raise ValueError(f"value has S={s} positions but spatial_shapes sum to {total}")
 
 
 def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -84,6 +106,23 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Multi-scale deformable attention; see the module docstring for shapes."""
+    """Multi-scale deformable attention; see the module docstring for shapes.
+
+    Dispatches to the compiled operator for float32/float64 tensors on a device it has a kernel
+    for (building it on first use), else to the reference. Non-contiguous inputs are made
+    contiguous here (the raw ``torch.ops.mask2former.ms_deform_attn`` requires them to be).
+    """
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if value.dtype in _COMPILED_DTYPES and _extension.compiled_available(value.device.type):
+        if spatial_shapes.dtype != torch.int64:
+            spatial_shapes = spatial_shapes.to(torch.int64)
+        if level_start_index.dtype != torch.int64:
+            level_start_index = level_start_index.to(torch.int64)
+        return torch.ops.mask2former.ms_deform_attn(
+            value.contiguous(),
+            spatial_shapes.contiguous(),
+            level_start_index.contiguous(),
+            sampling_locations.contiguous(),
+            attention_weights.contiguous(),
+        )
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

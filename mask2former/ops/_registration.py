@@ -1,0 +1,61 @@
+"""Python-side registrations for the compiled ``mask2former::`` operators.
+
+The schemas and device kernels are defined in C++ (``csrc/``); this module adds what
+``torch.compile`` / ``torch.export`` / autograd need on top of them:
+
+* fake (meta) kernels, which give output shapes without touching data;
+* the autograd formula, which calls ``mask2former::ms_deform_attn_backward``.
+
+The C++ library names this module with ``set_python_module``, so torch can import it by itself
+(e.g. when an exported program using the op is loaded). ``_extension`` calls
+``ensure_registered`` right after loading the library; without the library it does nothing.
+"""
+import torch
+
+from .ms_deform_attn import check_ms_deform_attn_shapes
+
+__all__ = ["ensure_registered"]
+
+_registered = False
+
+
+def ensure_registered():
+    """Register fake kernels and autograd once the C++ library is loaded (idempotent)."""
+    global _registered
+    if _registered or not hasattr(torch.ops.mask2former, "ms_deform_attn"):
+        return
+    _registered = True
+
+    @torch.library.register_fake("mask2former::ms_deform_attn")
+    def _ms_deform_attn_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        n, _, m, d = value.shape
+        return value.new_empty((n, sampling_locations.shape[1], m * d))
+
+    @torch.library.register_fake("mask2former::ms_deform_attn_backward")
+    def _ms_deform_attn_backward_fake(
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    ):
+        return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = torch.ops.mask2former.ms_deform_attn_backward(
+            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+        need = ctx.needs_input_grad
+        return (
+            grad_value if need[0] else None,
+            None,
+            None,
+            grad_locations if need[3] else None,
+            grad_weights if need[4] else None,
+        )
+
+    torch.library.register_autograd("mask2former::ms_deform_attn", _backward, setup_context=_setup_context)
+
+
+ensure_registered()
