@@ -1,3 +1,56 @@
+from . import transforms
+from .build import (
+    InferenceSampler,
+    TrainingSampler,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+    reset_skipped_samples,
+    skipped_samples,
+)
 from .catalog import DatasetCatalog, Metadata, MetadataCatalog, thing_contiguous_ids
+from .dataset_mappers import (
+    MAPPER_REGISTRY,
+    BadSampleError,
+    MaskFormerMapper,
+    build_augmentations,
+    build_mapper,
+    register_mapper,
+)
+from .datasets import (
+    DatasetFormatError,
+    load_coco_instances_json,
+    load_coco_panoptic_json,
+    load_sem_seg,
+    register_coco_instances,
+    register_coco_panoptic,
+    register_sem_seg,
+)
 
-__all__ = ["DatasetCatalog", "Metadata", "MetadataCatalog", "thing_contiguous_ids"]
+__all__ = [
+    "DatasetCatalog",
+    "Metadata",
+    "MetadataCatalog",
+    "thing_contiguous_ids",
+    "transforms",
+    "BadSampleError",
+    "MaskFormerMapper",
+    "MAPPER_REGISTRY",
+    "build_mapper",
+    "build_augmentations",
+    "register_mapper",
+    "build_detection_train_loader",
+    "build_detection_test_loader",
+    "get_detection_dataset_dicts",
+    "TrainingSampler",
+    "InferenceSampler",
+    "skipped_samples",
+    "reset_skipped_samples",
+    "DatasetFormatError",
+    "load_coco_panoptic_json",
+    "load_coco_instances_json",
+    "load_sem_seg",
+    "register_coco_panoptic",
+    "register_coco_instances",
+    "register_sem_seg",
+]
