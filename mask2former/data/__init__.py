@@ -54,3 +54,9 @@ __all__ = [
     "register_coco_instances",
     "register_sem_seg",
 ]
+
+from .datasets.synthetic import register_synthetic
+
+# built-in datasets are registered at import under $DETECTRON2_DATASETS (default ./datasets),
+# as Detectron2 does; their files are only read (or, for the synthetic set, generated) on use
+register_synthetic()

@@ -5,7 +5,7 @@ Loading is lazy: registration only records where the files are; they are read wh
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from ..catalog import DatasetCatalog, MetadataCatalog
 from .coco import load_coco_instances_json, load_coco_panoptic_json, load_sem_seg
@@ -32,8 +32,11 @@ def register_coco_panoptic(
     panoptic_json: str,
     sem_seg_root: Optional[str] = None,
     instances_json: Optional[str] = None,
+    prepare: Optional[Callable[[], object]] = None,
 ) -> None:
     """Register a COCO-format panoptic dataset (optionally with semantic PNGs).
+
+    ``prepare``, if given, runs before the files are first read (e.g. to generate them).
 
     ``metadata`` holds the class tables (thing/stuff classes, colours and the
     ``*_dataset_id_to_contiguous_id`` maps); it is merged into ``MetadataCatalog.get(name)``
@@ -41,12 +44,13 @@ def register_coco_panoptic(
     ``json_file`` (= ``instances_json``), ``evaluator_type="coco_panoptic_seg"``,
     ``ignore_label=255`` and ``label_divisor=1000`` (values in ``metadata`` take precedence).
     """
-    DatasetCatalog.register(
-        name,
-        lambda: load_coco_panoptic_json(
-            panoptic_json, image_root, panoptic_root, MetadataCatalog.get(name), sem_seg_root
-        ),
-    )
+    def load():
+        if prepare is not None:
+            prepare()
+        return load_coco_panoptic_json(panoptic_json, image_root, panoptic_root, MetadataCatalog.get(name),
+                                       sem_seg_root)
+
+    DatasetCatalog.register(name, load)
     _set_metadata(
         name,
         dict(image_root=image_root, panoptic_root=panoptic_root, panoptic_json=panoptic_json,

@@ -219,3 +219,19 @@ def ensure_synthetic_dataset(datasets_root: Optional[str] = None, splits: Option
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def register_synthetic(datasets_root: Optional[str] = None) -> None:
+    """Register ``synthetic_panoptic_{train,val}``; the files are generated on first use."""
+    from ..catalog import DatasetCatalog
+    from .register import register_coco_panoptic
+
+    root = synthetic_root(datasets_root)
+    for split in SPLITS:
+        name = f"synthetic_panoptic_{split}"
+        if name in DatasetCatalog:
+            continue
+        p = split_paths(root, split)
+        register_coco_panoptic(name, metadata(), p["image_root"], p["panoptic_root"], p["panoptic_json"],
+                               sem_seg_root=p["sem_seg_root"], instances_json=p["instances_json"],
+                               prepare=lambda: ensure_synthetic_dataset(datasets_root))
