@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Train or evaluate Mask2Former (Detectron2-style command line, no Detectron2 needed).
+
+    python train_net.py --config-file configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml \\
+        MODEL.WEIGHTS R-50.pkl OUTPUT_DIR out/
+    python train_net.py --config-file ... --resume OUTPUT_DIR out/          # continue out/last_checkpoint
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
+    torchrun --nproc_per_node 8 train_net.py --config-file ...              # multi-GPU
+
+Outputs in OUTPUT_DIR: config.yaml, log.txt, metrics.json, TensorBoard events, model_*.pth,
+last_checkpoint, inference/, eval_results.json.
+"""
+import logging
+import os
+import sys
+
+from mask2former.checkpoint import load_checkpoint
+from mask2former.engine.defaults import default_argument_parser, setup
+from mask2former.engine.trainer import (
+    Trainer,
+    format_results_table,
+    is_main_process,
+    seed_all_rng,
+    write_eval_results,
+)
+
+logger = logging.getLogger("mask2former.train_net")
+
+
+def evaluate(cfg, args, trainer_cls=Trainer):
+    """--eval-only: load the weights (OUTPUT_DIR/last_checkpoint with --resume, else MODEL.WEIGHTS)
+    and evaluate on DATASETS.TEST."""
+    weights = cfg.MODEL.WEIGHTS
+    if args.resume:
+        tag = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+        if os.path.isfile(tag):
+            with open(tag) as f:
+                weights = os.path.join(cfg.OUTPUT_DIR, f.read().strip())
+    if not weights:
+        raise SystemExit("--eval-only needs weights: set MODEL.WEIGHTS /path/to/model.pth (or use --resume "
+                         "with an OUTPUT_DIR that has a last_checkpoint)")
+    if not os.path.isfile(weights):
+        raise SystemExit(f"--eval-only: weights file {weights!r} does not exist")
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
+    model = trainer_cls.build_model(cfg)
+    load_checkpoint(model, weights)
+    model.eval()
+    results = trainer_cls.test(cfg, model)
+    if is_main_process():
+        print(format_results_table(results))
+        write_eval_results(cfg.OUTPUT_DIR, results)
+    return results
+
+
+def main(args, trainer_cls=Trainer):
+    cfg = setup(args)
+    if args.eval_only:
+        return evaluate(cfg, args, trainer_cls)
+    trainer = trainer_cls(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args, file=sys.stderr)
+    try:
+        main(args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
