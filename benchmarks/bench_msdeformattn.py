@@ -1,4 +1,4 @@
-"""CPU benchmark of multi-scale deformable attention (issue 3).
+"""CPU / CUDA benchmark of multi-scale deformable attention (issue 3).
 
 Shape: the pixel decoder of an 800x1216 image (strides 8/16/32 -> levels 100x152, 50x76,
 25x38): N=1, Lq = S = 19950, M=8 heads, D=32 channels per head, L=3 levels, P=4 points.
@@ -14,6 +14,14 @@ Compares, as medians over repeats:
              the benchmark says so and carries on without it.
 
     python benchmarks/bench_msdeformattn.py [--threads 2] [--repeats 7] [--no-peer]
+    python benchmarks/bench_msdeformattn.py --device cuda [--dtypes float32,float16,bfloat16]
+                                            [--batch 1] [--repeats 7] [--iters 20] [--no-peer]
+
+--device cuda times the same shape on the GPU for each dtype (the inputs are made in float32
+and cast), with CUDA events around --iters back-to-back calls (median over --repeats rounds),
+and reports the error against the reference computed in float32. ours = the compiled CUDA
+kernel; the peer runs its CUDA path (it computes float16 / bfloat16 in float32 internally).
+Without a GPU, --device cuda exits with a message (exit status 2).
 """
 import argparse
 import importlib
@@ -70,7 +78,7 @@ def make_runners(op, inputs):
 
     leaves = [t.detach().clone().requires_grad_(True) for t in (value, loc, attw)]
     grad_out = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3],
-                           generator=torch.Generator().manual_seed(1), dtype=value.dtype)
+                           generator=torch.Generator().manual_seed(1)).to(value.device, value.dtype)
 
     def fwd_bwd():
         for t in leaves:
@@ -98,26 +106,58 @@ def bench(impls, inputs, repeats):
     return {name: tuple(statistics.median(t) for t in ts) for name, ts in times.items()}
 
 
-def _peer_dir() -> Path:
+def bench_cuda(impls, inputs, repeats, iters):
+    """Median seconds per call as {name: (fwd, fwd_bwd)}, timed with CUDA events around `iters`
+    back-to-back calls; implementations interleaved per round like `bench`."""
+    runners = {name: make_runners(op, inputs) for name, op in impls.items()}
+    times = {name: ([], []) for name in impls}
+    for pair in runners.values():  # warm-up (first-call work, allocator, autotuning)
+        for fn in pair:
+            for _ in range(3):
+                fn()
+    torch.cuda.synchronize()
+    for _ in range(repeats):
+        for name, pair in runners.items():
+            for i, fn in enumerate(pair):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    fn()
+                end.record()
+                end.synchronize()
+                times[name][i].append(start.elapsed_time(end) / 1e3 / iters)
+    return {name: tuple(statistics.median(t) for t in ts) for name, ts in times.items()}
+
+
+def _peer_dir(device: str = "cpu") -> Path:
     tag = f"torch-ms-deform-attn-{PEER_VERSION}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    if device == "cuda":  # built where a GPU is visible, so that its CUDA kernels are compiled
+        tag += "-cuda"
     return Path(tempfile.gettempdir()) / "m2f-bench" / tag.replace("+", "_")
 
 
-def load_peer():
+def load_peer(device: str = "cpu"):
     """Return (ms_deform_attn function, note) or (None, reason it is unavailable)."""
     try:
         mod = importlib.import_module("torch_ms_deform_attn")
         return mod.ms_deform_attn, f"torch-ms-deform-attn {getattr(mod, '__version__', '?')} (installed)"
     except ImportError:
         pass
-    target = _peer_dir()
+    target = _peer_dir(device)
     if not (target / "torch_ms_deform_attn").is_dir():
         print(f"installing torch-ms-deform-attn=={PEER_VERSION} into {target} (builds from source, ~1 min) ...",
               flush=True)
         cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--quiet",
                "--target", str(target), f"torch-ms-deform-attn=={PEER_VERSION}"]
+        env = dict(os.environ)
+        if device == "cuda" and "CUDA_HOME" not in env:
+            from mask2former.ops import _extension
+
+            home = _extension._cuda_home()  # torch may guess a wrong CUDA_HOME from a wrapper nvcc
+            if home:
+                env["CUDA_HOME"] = home
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return None, f"could not run pip: {exc}"
         if res.returncode != 0:
@@ -131,14 +171,81 @@ def load_peer():
     return mod.ms_deform_attn, f"torch-ms-deform-attn {getattr(mod, '__version__', '?')} ({target})"
 
 
+def _cuda_inputs(inputs, dtype):
+    return tuple(t.cuda().to(dtype) if t.is_floating_point() else t.cuda() for t in inputs)
+
+
+def main_cuda(args):
+    if not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False; "
+              f"torch {torch.__version__}, built with CUDA {torch.version.cuda}). Run this on a machine with a GPU.",
+              file=sys.stderr)
+        return 2
+    dtypes = [getattr(torch, name.strip()) for name in args.dtypes.split(",") if name.strip()]
+    info = backend_info()
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, ours: {info.describe('cuda')}", end="")
+    print(f" (TORCH_CUDA_ARCH_LIST={info.cuda_arch_list})" if info.cuda else f" ({info.cuda_reason})")
+    base = make_inputs(n=args.batch)
+    value, shapes, _, loc, _ = base
+    print(f"value {tuple(value.shape)}, locations {tuple(loc.shape)}, levels {shapes.tolist()}; "
+          f"median of {args.repeats} rounds x {args.iters} calls (CUDA events)")
+    peer = None
+    if not args.no_peer:
+        peer, note = load_peer("cuda")
+        if peer is None:
+            print("peer unavailable:", note)
+        else:
+            try:  # its CUDA kernels exist only if it was built where CUDA was usable
+                peer(*_cuda_inputs(make_inputs(n=1, m=1, d=4, p=1), torch.float32))
+                torch.cuda.synchronize()
+                print("peer:", note)
+            except Exception as exc:  # noqa: BLE001 - report and go on without it
+                print(f"peer unavailable on CUDA: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                peer = None
+    ref32 = None
+    if not args.no_reference:
+        with torch.no_grad():
+            ref32 = ms_deform_attn_reference(*_cuda_inputs(base, torch.float32))
+    for dtype in dtypes:
+        inputs = _cuda_inputs(base, dtype)
+        impls = {}
+        if info.cuda:
+            impls["ours"] = ms_deform_attn
+        if not args.no_reference:
+            impls["reference"] = ms_deform_attn_reference
+        if peer is not None:
+            impls["peer"] = peer
+        print(f"--- {str(dtype).replace('torch.', '')}")
+        if ref32 is not None:
+            with torch.no_grad():
+                for name, fn in impls.items():
+                    err = (fn(*inputs).float() - ref32).abs().max().item()
+                    print(f"  max |{name} - reference(float32)| = {err:.2e}")
+        results = bench_cuda(impls, inputs, args.repeats, args.iters)
+        for name, (f, fb) in results.items():
+            print(f"{name:>10}: fwd {f * 1e3:8.3f} ms   fwd+bwd {fb * 1e3:8.3f} ms")
+        if "ours" in results:
+            for other in ("reference", "peer"):
+                if other in results:
+                    r = [results[other][i] / results["ours"][i] for i in range(2)]
+                    print(f"ours vs {other}: {r[0]:.2f}x faster fwd, {r[1]:.2f}x faster fwd+bwd")
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=20, help="calls per timed round (--device cuda)")
+    parser.add_argument("--batch", type=int, default=1, help="N (--device cuda)")
+    parser.add_argument("--dtypes", default="float32,float16,bfloat16", help="comma-separated (--device cuda)")
     parser.add_argument("--no-peer", action="store_true", help="skip torch-ms-deform-attn")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        sys.exit(main_cuda(args))
 
     info = backend_info()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, ours: {info.describe('cpu')}", end="")

@@ -24,8 +24,11 @@ __all__ = [
     "check_ms_deform_attn_shapes",
 ]
 
-# dtypes the compiled kernels implement; others (half, bfloat16) run the reference.
-_COMPILED_DTYPES = (torch.float32, torch.float64)
+# dtypes the compiled kernels implement, per device type; others run the reference.
+_COMPILED_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
 
 
 def check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -64,6 +67,14 @@ def check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampli
             "value, sampling_locations and attention_weights must share a dtype; got "
             f"{value.dtype}, {sampling_locations.dtype}, {attention_weights.dtype}"
         )
+    if not (value.device == sampling_locations.device == attention_weights.device):
+        raise ValueError(
+            "value, sampling_locations and attention_weights must be on one device; got "
+            f"{value.device}, {sampling_locations.device}, {attention_weights.device}"
+        )
+    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if t.device.type != "cpu" and t.device != value.device:
+            raise ValueError(f"{name} must be on the CPU or on {value.device} (the device of value); got {t.device}")
 
 
 def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -73,6 +84,10 @@ def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampli
     check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if torch.compiler.is_compiling():
         return
+    _check_level_sizes(value, spatial_shapes)
+
+
+def _check_level_sizes(value, spatial_shapes):
     s = value.shape[1]
     total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
     if total != s:
@@ -108,12 +123,22 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Multi-scale deformable attention; see the module docstring for shapes.
 
-    Dispatches to the compiled operator for float32/float64 tensors on a device it has a kernel
-    for (building it on first use), else to the reference. Non-contiguous inputs are made
-    contiguous here (the raw ``torch.ops.mask2former.ms_deform_attn`` requires them to be).
+    Dispatches to the compiled operator for tensors of a device and dtype it has a kernel for
+    (CPU: float32 / float64; CUDA: also float16 / bfloat16), building it on first use, else to
+    the reference. Non-contiguous inputs are made contiguous here (the raw
+    ``torch.ops.mask2former.ms_deform_attn`` requires them to be).
+
+    The check that the level sizes sum to S reads ``spatial_shapes``; when that tensor lives on
+    the GPU and the compiled CUDA kernel takes the call, the check is skipped, as it would cost
+    a device-to-host copy and a stream synchronisation per call. The kernel never reads outside
+    ``value``: it treats a level that does not fit inside S as empty.
     """
-    check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if value.dtype in _COMPILED_DTYPES and _extension.compiled_available(value.device.type):
+    check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    device_type = value.device.type
+    compiled = value.dtype in _COMPILED_DTYPES.get(device_type, ()) and _extension.compiled_available(device_type)
+    if not torch.compiler.is_compiling() and not (compiled and spatial_shapes.device.type == "cuda"):
+        _check_level_sizes(value, spatial_shapes)
+    if compiled:
         if spatial_shapes.dtype != torch.int64:
             spatial_shapes = spatial_shapes.to(torch.int64)
         if level_start_index.dtype != torch.int64:

@@ -1,6 +1,6 @@
 // Multi-scale deformable attention: declarations shared by the op registration
-// (ms_deform_attn.cpp) and the device kernels (ms_deform_attn_cpu.cpp, and a CUDA
-// file when one is built).
+// (ms_deform_attn.cpp) and the device kernels (ms_deform_attn_cpu.cpp, and
+// ms_deform_attn_cuda.cu when CUDA is built).
 //
 // Shapes (see mask2former/ops/ms_deform_attn.py):
 //   value               (N, S, M, D)        S = sum_l H_l * W_l
@@ -55,5 +55,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
 
 // Name of the instruction set the CPU kernels run with ("avx512", "avx2" or "generic").
 std::string ms_deform_attn_cpu_isa();
+
+// CUDA kernels (ms_deform_attn_cuda.cu, only in builds with CUDA). value, sampling_locations,
+// attention_weights (and grad_output) on one CUDA device; spatial_shapes / level_start_index on
+// the host (validated with check_level_metadata) or on that device (read by the kernel, no sync).
+// dtypes float32, float64, float16, bfloat16.
+at::Tensor ms_deform_attn_forward_cuda(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
+    const at::Tensor& grad_output,
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights);
 
 }  // namespace mask2former
