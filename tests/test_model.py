@@ -203,11 +203,17 @@ def test_decoder_outputs_one_prediction_per_dec_layer(panoptic_model):
     assert out["pred_masks"].shape == (1, cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES, 16, 16)
 
 
-def test_training_mode_says_losses_are_not_available_yet(panoptic_model):
+def test_training_mode_without_instances_names_the_sample_and_the_mapper_contract(panoptic_model):
+    from mask2former.structures import Instances
+
     _, model = panoptic_model
     model.train()
+    ok = {"image": torch.zeros(3, 32, 32), "instances": Instances(
+        (32, 32), gt_classes=torch.zeros(0, dtype=torch.int64), gt_masks=torch.zeros(0, 32, 32, dtype=torch.bool))}
     try:
-        with pytest.raises(NotImplementedError, match="training losses"):
-            model([{"image": torch.zeros(3, 32, 32)}])
+        with pytest.raises(ValueError, match=r"batched_inputs\[1\] has no 'instances'.*mapper must provide"):
+            model([ok, {"image": torch.zeros(3, 32, 32)}])
+        losses = model([ok])  # an image without segments: all queries are "no object"
+        assert losses["loss_mask"].item() == 0 and losses["loss_ce"].item() > 0
     finally:
         model.eval()

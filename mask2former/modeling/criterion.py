@@ -1,17 +1,66 @@
-"""Set criterion of Mask2Former: holds the loss weights and the class weight vector.
+"""Set criterion of Mask2Former: Hungarian matching, then classification and mask losses.
 
 ``empty_weight`` (K+1,) is part of the official checkpoints: 1 for every class and
 NO_OBJECT_WEIGHT for the "no object" class, used by the classification loss.
+
+``forward(outputs, targets)``:
+    outputs: "pred_logits" (N, Q, K+1), "pred_masks" (N, Q, h, w) mask logits (h, w = H/4, W/4
+        of the padded batch), optionally "aux_outputs": a list of dicts with the same two keys,
+        one per earlier decoder layer (deep supervision).
+    targets: N dicts with "labels" int64 (T_i,) in [0, K) and "masks" (T_i, H, W) bool/float,
+        zero-padded to the padded batch size (H, W) so that [0, 1]^2 spans the same area in
+        predictions and targets.
+    returns {"loss_ce", "loss_mask", "loss_dice"} plus "<name>_<i>" for aux_outputs[i]; the
+        losses are NOT multiplied by ``weight_dict`` (the model does that).
+
+Losses (M = matched pairs over the batch, num_masks = total targets averaged over workers, >= 1):
+    loss_ce:   cross-entropy over K+1 classes of every query, weighted by ``empty_weight``
+               (weighted mean); unmatched queries have target "no object" (index K).
+    loss_mask: sum over matched pairs of the mean sigmoid BCE over P points, / num_masks.
+    loss_dice: sum over matched pairs of 1 - (2 sum(s g) + 1) / (sum s + sum g + 1), / num_masks.
+The P = ``num_points`` points of each matched prediction are drawn by uncertainty-based
+importance sampling (``get_uncertain_point_coords_with_randomness`` with -|logit|); the
+prediction and its target are both read at those points by bilinear interpolation, so no
+full-resolution mask is ever built. ``dense=True`` instead upsamples the matched predictions to
+(H, W) and averages over every pixel — it exists only as the baseline of the memory benchmark.
 """
-from typing import Dict
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from ..layers.point_features import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
+from .matcher import HungarianMatcher
+
+__all__ = ["SetCriterion", "build_criterion", "sigmoid_ce_loss", "dice_loss"]
+
+Indices = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """logits, targets (M, P): sum over masks of the mean BCE-with-logits over P, / num_masks."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum() / num_masks
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """logits, targets (M, P): sum over masks of the +1-smoothed dice loss, / num_masks."""
+    probs = logits.sigmoid()
+    inter = (probs * targets).sum(1)
+    total = probs.sum(1) + targets.sum(1)
+    return (1 - (2 * inter + 1) / (total + 1)).sum() / num_masks
+
+
+def _dist_world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
 
 
 class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, *, weight_dict: Dict[str, float], eos_coef: float, num_points: int,
-                 oversample_ratio: float, importance_sample_ratio: float):
+                 oversample_ratio: float, importance_sample_ratio: float, matcher: Optional[nn.Module] = None,
+                 dense: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.weight_dict = weight_dict
@@ -19,23 +68,127 @@ class SetCriterion(nn.Module):
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
+        self.dense = dense
+        if matcher is None:
+            matcher = HungarianMatcher(cost_class=weight_dict.get("loss_ce", 1.0),
+                                       cost_mask=weight_dict.get("loss_mask", 1.0),
+                                       cost_dice=weight_dict.get("loss_dice", 1.0), num_points=num_points)
+        self.matcher = matcher
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
-    def losses(self, outputs, batched_inputs, images):
-        raise NotImplementedError(
-            "training losses (Hungarian matching, point-sampled mask losses) are not implemented yet; "
-            "call model.eval() for inference")
+    # ---- helpers -------------------------------------------------------------------------
+    def check_targets(self, outputs: Dict, targets: Sequence[Dict]) -> None:
+        n = outputs["pred_logits"].shape[0]
+        if not isinstance(targets, (list, tuple)) or len(targets) != n:
+            raise ValueError(f"SetCriterion: expected a list of {n} target dicts (one per image), got "
+                             f"{type(targets).__name__} of length {len(targets) if hasattr(targets, '__len__') else '?'}")
+        size = None
+        for i, t in enumerate(targets):
+            if "labels" not in t or "masks" not in t:
+                raise KeyError(f"SetCriterion: targets[{i}] needs 'labels' (T,) and 'masks' (T, H, W); has {sorted(t)}")
+            labels, masks = t["labels"], t["masks"]
+            if labels.dim() != 1 or masks.dim() != 3 or masks.shape[0] != labels.shape[0]:
+                raise ValueError(f"SetCriterion: targets[{i}] has labels {tuple(labels.shape)} and masks "
+                                 f"{tuple(masks.shape)}; expected (T,) and (T, H, W)")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(f"SetCriterion: targets[{i}]['labels'] must lie in [0, {self.num_classes}); got "
+                                 f"min {int(labels.min())}, max {int(labels.max())}")
+            if size is None:
+                size = tuple(masks.shape[-2:])
+            elif tuple(masks.shape[-2:]) != size:
+                raise ValueError(f"SetCriterion: target masks must all be padded to the batch size; targets[0] "
+                                 f"is {size}, targets[{i}] is {tuple(masks.shape[-2:])}")
+
+    def num_masks(self, targets: Sequence[Dict], device: torch.device) -> float:
+        """Targets in the batch, averaged over distributed workers, at least 1."""
+        total = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        world = _dist_world_size()
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        return max(total.item() / world, 1.0)
+
+    def sample_points(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """(M, 1, h, w) matched mask logits -> (M, num_points, 2) loss points: importance sampling
+        of uncertain (|logit| near 0) points plus uniform ones."""
+        return get_uncertain_point_coords_with_randomness(
+            mask_logits, calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
+
+    @staticmethod
+    def _query_index(indices: Indices) -> Tuple[torch.Tensor, torch.Tensor]:
+        batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        return batch, torch.cat([src for src, _ in indices])
+
+    # ---- losses --------------------------------------------------------------------------
+    def loss_labels(self, outputs: Dict, targets: Sequence[Dict], indices: Indices) -> Dict[str, torch.Tensor]:
+        logits = outputs["pred_logits"].float()  # (N, Q, K+1)
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        b, q = self._query_index(indices)
+        matched = [t["labels"].to(logits.device)[tgt] for t, (_, tgt) in zip(targets, indices)]
+        target_classes[b.to(logits.device), q.to(logits.device)] = torch.cat(matched).long()
+        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight.float())
+        return {"loss_ce": loss}
+
+    def loss_masks(self, outputs: Dict, targets: Sequence[Dict], indices: Indices,
+                   num_masks: float) -> Dict[str, torch.Tensor]:
+        pred_masks = outputs["pred_masks"]  # (N, Q, h, w)
+        device = pred_masks.device
+        b, q = self._query_index(indices)
+        src = pred_masks[b.to(device), q.to(device)]  # (M, h, w)
+        if src.shape[0] == 0:
+            zero = pred_masks.sum() * 0.0  # keeps every parameter in the graph
+            return {"loss_mask": zero, "loss_dice": zero.clone()}
+        tgt = torch.cat([t["masks"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)])
+        tgt = tgt.to(src.dtype)[:, None]  # (M, 1, H, W)
+        src = src[:, None]  # (M, 1, h, w)
+        if self.dense:
+            logits = F.interpolate(src, size=tgt.shape[-2:], mode="bilinear", align_corners=False).flatten(1)
+            labels = tgt.flatten(1)
+        else:
+            with torch.no_grad():
+                coords = self.sample_points(src)
+                labels = point_sample(tgt, coords)[:, 0]  # (M, P)
+            logits = point_sample(src, coords)[:, 0]  # (M, P)
+        logits, labels = logits.float(), labels.float()
+        return {"loss_mask": sigmoid_ce_loss(logits, labels, num_masks),
+                "loss_dice": dice_loss(logits, labels, num_masks)}
+
+    def layer_losses(self, outputs: Dict, targets: Sequence[Dict], num_masks: float) -> Dict[str, torch.Tensor]:
+        """Match one layer's predictions to the targets and compute its three losses."""
+        for key in ("pred_logits", "pred_masks"):
+            if key not in outputs:
+                raise KeyError(f"SetCriterion: the decoder output lacks {key!r} (has {sorted(outputs)}); "
+                               "the criterion needs mask classification outputs")
+        indices = self.matcher(outputs, targets)
+        losses = self.loss_labels(outputs, targets, indices)
+        losses.update(self.loss_masks(outputs, targets, indices, num_masks))
+        return losses
+
+    def forward(self, outputs: Dict, targets: Sequence[Dict]) -> Dict[str, torch.Tensor]:
+        self.check_targets(outputs, targets)
+        num_masks = self.num_masks(targets, outputs["pred_logits"].device)
+        main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        losses = self.layer_losses(main, targets, num_masks)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_masks).items()})
+        return losses
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, num_points={self.num_points}, "
+                f"oversample_ratio={self.oversample_ratio}, importance_sample_ratio={self.importance_sample_ratio}, "
+                f"dense={self.dense}, weight_dict={self.weight_dict}")
 
 
-def build_criterion(cfg, num_classes: int) -> SetCriterion:
+def build_criterion(cfg, num_classes: int, dense: bool = False) -> SetCriterion:
     mf = cfg.MODEL.MASK_FORMER
     weight_dict = {"loss_ce": mf.CLASS_WEIGHT, "loss_mask": mf.MASK_WEIGHT, "loss_dice": mf.DICE_WEIGHT}
     if mf.DEEP_SUPERVISION:
         # one set of auxiliary losses per earlier prediction (DEC_LAYERS - 1 of them)
         for i in range(mf.DEC_LAYERS - 1):
             weight_dict.update({f"{k}_{i}": v for k, v in list(weight_dict.items())[:3]})
+    matcher = HungarianMatcher(cost_class=mf.CLASS_WEIGHT, cost_mask=mf.MASK_WEIGHT, cost_dice=mf.DICE_WEIGHT,
+                               num_points=mf.TRAIN_NUM_POINTS)
     return SetCriterion(num_classes, weight_dict=weight_dict, eos_coef=mf.NO_OBJECT_WEIGHT,
                         num_points=mf.TRAIN_NUM_POINTS, oversample_ratio=mf.OVERSAMPLE_RATIO,
-                        importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO)
+                        importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO, matcher=matcher, dense=dense)

@@ -150,9 +150,51 @@ class MaskFormer(nn.Module):
 
     def forward(self, batched_inputs: List[Dict]):
         if self.training:
-            images, _ = self.preprocess(batched_inputs)
-            return self.criterion.losses(self.sem_seg_head(self.backbone(images)), batched_inputs, images)
+            # training: each sample also carries "instances" (gt_classes, gt_masks); the images
+            # are padded into one batch and the losses come back already weighted
+            targets_in = []
+            for i, x in enumerate(batched_inputs):
+                if not isinstance(x, dict) or "instances" not in x:
+                    raise ValueError(
+                        f"training mode: batched_inputs[{i}] has no 'instances'; the dataset mapper must provide "
+                        "'instances': Instances(image_size=(H, W), gt_classes=int64 (N,), gt_masks=bool (N, H, W)) "
+                        "for every sample (call model.eval() for inference)")
+                targets_in.append(x["instances"])
+            images, sizes = self.preprocess(batched_inputs)
+            targets = self.prepare_targets(targets_in, tuple(images.shape[-2:]), sizes)
+            outputs = self.sem_seg_head(self.backbone(images))
+            losses = self.criterion(outputs, targets)
+            weights = self.criterion.weight_dict
+            return {k: v * weights[k] for k, v in losses.items() if k in weights}
         return self.inference(batched_inputs)
+
+    def prepare_targets(self, gt_instances: Sequence, padded_size: Tuple[int, int],
+                        image_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[Dict[str, torch.Tensor]]:
+        """Instances (gt_classes (N,), gt_masks (N, h, w)) -> {"labels": int64 (N,), "masks": bool
+        (N, H, W)} on the model's device, masks zero-padded bottom/right to the padded batch size.
+        ``image_sizes``: the unpadded (h, w) of each image, which the masks must match."""
+        pad_h, pad_w = padded_size
+        targets = []
+        for i, inst in enumerate(gt_instances):
+            if not (inst.has("gt_classes") and inst.has("gt_masks")):
+                raise ValueError(f"training mode: batched_inputs[{i}]['instances'] needs fields gt_classes and "
+                                 f"gt_masks; has {sorted(inst.get_fields())}")
+            masks = inst.gt_masks
+            masks = getattr(masks, "tensor", masks)  # a BitMasks-like wrapper
+            masks = torch.as_tensor(masks).to(self.device)
+            labels = torch.as_tensor(inst.gt_classes).to(self.device, torch.int64)
+            if masks.dim() != 3 or masks.shape[0] != labels.shape[0]:
+                raise ValueError(f"training mode: batched_inputs[{i}]['instances'] has gt_masks {tuple(masks.shape)} "
+                                 f"and gt_classes {tuple(labels.shape)}; expected (N, H, W) and (N,)")
+            h, w = masks.shape[-2:]
+            if (image_sizes is not None and (h, w) != tuple(image_sizes[i])) or h > pad_h or w > pad_w:
+                size = tuple(image_sizes[i]) if image_sizes is not None else (pad_h, pad_w)
+                raise ValueError(f"training mode: batched_inputs[{i}] gt_masks are {h}x{w} but the image is "
+                                 f"{size[0]}x{size[1]}; the mapper must give masks at the image's size")
+            padded = masks.new_zeros((masks.shape[0], pad_h, pad_w))
+            padded[:, :h, :w] = masks
+            targets.append({"labels": labels, "masks": padded})
+        return targets
 
     def inference(self, batched_inputs: List[Dict]) -> List[Dict]:
         """Padding changes the features (normalisation statistics, attention over padded pixels),
