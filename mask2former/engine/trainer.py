@@ -60,6 +60,7 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ..solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
+from ..utils.comm import all_gather, get_rank, get_world_size, is_main_process, synchronize
 
 __all__ = [
     "Trainer",
@@ -79,6 +80,7 @@ __all__ = [
     "write_eval_results",
 ]
 
+
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
@@ -88,23 +90,6 @@ EVAL_RESULTS_FILE = "eval_results.json"
 
 
 # ----------------------------------------------------------------------------- distributed
-def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
-def synchronize() -> None:
-    if get_world_size() > 1:
-        dist.barrier()
-
-
 def init_distributed(use_cuda: Optional[bool] = None) -> bool:
     """Join the process group described by torchrun's environment (WORLD_SIZE > 1).
 
@@ -130,15 +115,6 @@ def init_distributed(use_cuda: Optional[bool] = None) -> bool:
     return True
 
 
-def _all_gather_object(obj: Any) -> List[Any]:
-    if get_world_size() == 1:
-        return [obj]
-    out: List[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ----------------------------------------------------------------------------- RNG
 def seed_all_rng(seed: Optional[int] = None) -> int:
     """Seed python ``random``, numpy and torch (all devices); None draws a fresh seed. Returns it."""
     if seed is None:
@@ -584,7 +560,7 @@ class Trainer:
         return int(meta["iteration"])
 
     def _checkpoint_state(self, iteration: int) -> Dict[str, Any]:
-        rng_states = _all_gather_object(get_rng_states())  # every rank takes part
+        rng_states = all_gather(get_rng_states())  # every rank takes part
         data: Dict[str, Any] = {
             "model": self.model_without_ddp.state_dict(),
             "optimizer": self.optimizer.state_dict(),
