@@ -6,6 +6,10 @@
     python train_net.py --config-file ... --resume OUTPUT_DIR out/          # continue out/last_checkpoint
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
     torchrun --nproc_per_node 8 train_net.py --config-file ...              # multi-GPU
+    python train_net.py --datasets my_datasets.yaml --config-file ... DATASETS.TRAIN "('my_train',)"
+
+Built-in datasets are read from $DETECTRON2_DATASETS (default ./datasets; see datasets/README.md);
+custom ones are registered from the YAML files given by --datasets or $M2F_DATASETS_YAML.
 
 Outputs in OUTPUT_DIR: config.yaml, log.txt, metrics.json, TensorBoard events, model_*.pth,
 last_checkpoint, inference/, eval_results.json.

@@ -55,8 +55,17 @@ __all__ = [
     "register_sem_seg",
 ]
 
+import os as _os
+
+from .datasets.builtin import register_all_builtin
 from .datasets.synthetic import register_synthetic
 
 # built-in datasets are registered at import under $DETECTRON2_DATASETS (default ./datasets),
 # as Detectron2 does; their files are only read (or, for the synthetic set, generated) on use
 register_synthetic()
+register_all_builtin()
+# datasets described by the YAML files in $M2F_DATASETS_YAML (see datasets/custom.py)
+if _os.environ.get("M2F_DATASETS_YAML", "").strip():
+    from .datasets.custom import register_from_env
+
+    register_from_env()

@@ -20,7 +20,8 @@ import torch
 from ..config import get_cfg
 from .trainer import get_rank, get_world_size, init_distributed, is_main_process, write_text_atomic
 
-__all__ = ["default_argument_parser", "default_setup", "setup", "setup_logger", "check_launch"]
+__all__ = ["default_argument_parser", "default_setup", "setup", "setup_logger", "check_launch",
+           "register_custom_datasets"]
 
 _HANDLER_TAG = "_mask2former_handler"
 
@@ -58,6 +59,9 @@ Change config options, resume, evaluate:
                         help="accepted for Detectron2 compatibility; torchrun's environment is used")
     parser.add_argument("--engine", choices=("ours", "detectron2"), default="ours",
                         help="training engine: this package's trainer (default) or Detectron2's")
+    parser.add_argument("--datasets", action="append", default=[], metavar="FILE",
+                        help="YAML file of custom datasets to register (repeatable; see "
+                             "mask2former/data/datasets/custom.py); $M2F_DATASETS_YAML is read too")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
                         help='config overrides as space-separated "KEY VALUE" pairs at the end')
     return parser
@@ -77,6 +81,8 @@ def check_launch(args) -> None:
         rest = []
         if args.config_file:
             rest += ["--config-file", args.config_file]
+        for path in getattr(args, "datasets", None) or []:
+            rest += ["--datasets", path]
         rest += [flag for flag, on in (("--resume", args.resume), ("--eval-only", args.eval_only)) if on]
         rest += list(args.opts or [])
         rest = shlex.join(rest)
@@ -168,10 +174,23 @@ def default_setup(cfg, args) -> None:
         log.info("float32 matmul precision: %s", precision)
 
 
+def register_custom_datasets(paths) -> list:
+    """Register the datasets of the ``--datasets`` YAML files (before the config names them)."""
+    from ..data.datasets.custom import register_datasets_yaml
+
+    names = []
+    for path in paths:
+        names += register_datasets_yaml(path)
+    if names:
+        logging.getLogger(__name__).info("Registered custom datasets: %s", ", ".join(names))
+    return names
+
+
 def setup(args):
     """Config from ``args`` (defaults + --config-file + opts, frozen), then :func:`default_setup`."""
     check_launch(args)
     check_engine(args)
+    register_custom_datasets(getattr(args, "datasets", None) or [])
     cfg = get_cfg()
     if args.config_file:
         cfg.merge_from_file(args.config_file)
