@@ -19,13 +19,12 @@ import time
 
 import torch
 
-try:
-    import mask2former as m2f
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import mask2former as m2f
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# benchmark the checkout this script lives in (works without installing, and an installed copy
+# elsewhere does not shadow it)
+if os.path.isdir(os.path.join(REPO_ROOT, "mask2former")):
+    sys.path.insert(0, REPO_ROOT)
+import mask2former as m2f  # noqa: E402
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml")
 TASKS = ("panoptic", "instance", "semantic")
 
@@ -43,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="write results as JSON")
     p.add_argument("--profile", action="store_true", help="also profile one call; print top-15 ops by self CPU")
     # HOOK: a later `--compare` flag (Hugging Face transformers' Mask2Former) goes here; it should build
-    # its own callable + inputs and reuse time_model() / report() below.
+    # its own callable + inputs and reuse measure() / time_model() below.
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = sorted(set(args.tasks) - set(TASKS))
@@ -101,16 +100,23 @@ def profile_model(fn, inputs, top=15):
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
-def report(name, times, rss_before, rss_after):
+def measure(name, fn, inputs, args):
+    """time_model() plus peak-RSS growth, process CPU time and system load around it."""
+    rss0, cpu0, load0 = max_rss_mib(), time.process_time(), os.getloadavg()[0]
+    times = time_model(fn, inputs, args.warmup, args.iters)
+    cpu = time.process_time() - cpu0
+    rss1, load1 = max_rss_mib(), os.getloadavg()[0]
     print(f"\n{name}")
     for i, t in enumerate(times):
         print(f"  iter {i}: {t:8.2f} s")
+    median = statistics.median(times) if times else None
     if times:
-        print(f"  median: {statistics.median(times):8.2f} s\n  min:    {min(times):8.2f} s")
-    print(f"  peak RSS: {rss_after:.0f} MiB (+{rss_after - rss_before:.0f} MiB during inference)")
-    return {"name": name, "times_s": times, "median_s": statistics.median(times) if times else None,
-            "min_s": min(times) if times else None, "peak_rss_mib": rss_after,
-            "peak_rss_delta_mib": rss_after - rss_before}
+        print(f"  median: {median:8.2f} s\n  min:    {min(times):8.2f} s")
+    print(f"  process CPU time (warmup + iters): {cpu:.1f} s | 1-min load avg before/after: {load0:.2f}/{load1:.2f}")
+    print(f"  peak RSS: {rss1:.0f} MiB (+{rss1 - rss0:.0f} MiB during inference)")
+    return {"name": name, "times_s": times, "median_s": median, "min_s": min(times) if times else None,
+            "cpu_s": cpu, "loadavg_before_after": [load0, load1],
+            "peak_rss_mib": rss1, "peak_rss_delta_mib": rss1 - rss0}
 
 
 def main(argv=None):
@@ -118,19 +124,19 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__} | threads {torch.get_num_threads()} | {platform.processor() or platform.machine()}"
           f" | nproc {os.cpu_count()}")
+    print(f"mask2former from {os.path.dirname(os.path.dirname(os.path.abspath(m2f.__file__)))}")
     print(f"config {os.path.relpath(args.config, REPO_ROOT)} | tasks {','.join(args.tasks)} | "
           f"image {args.height}x{args.width} | warmup {args.warmup} | iters {args.iters}")
 
     model = build_mask2former(args)
     inputs = make_inputs(args)
-    rss0 = max_rss_mib()
-    times = time_model(model, inputs, args.warmup, args.iters)
     results = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "torch": torch.__version__, "threads": args.threads, "tasks": args.tasks,
+        "torch": torch.__version__, "threads": args.threads, "nproc": os.cpu_count(), "tasks": args.tasks,
+        "mask2former_path": os.path.dirname(os.path.abspath(m2f.__file__)),
         "config": os.path.relpath(args.config, REPO_ROOT), "image_hw": [args.height, args.width],
         "warmup": args.warmup, "iters": args.iters,
-        "mask2former": report("mask2former (this repo)", times, rss0, max_rss_mib()),
+        "mask2former": measure("mask2former (this repo)", model, inputs, args),
     }
     if args.profile:
         print("\ntop-15 ops by self CPU time (one call):")
