@@ -61,3 +61,21 @@ SEM_SEG_LAYOUT = """Expected layout (e.g. ADE20K):
     images/training/                  images (image_root), e.g. ADE_train_00000001.jpg
     annotations_detectron2/training/  label PNGs (gt_root) with the same relative paths
                                       and base names, e.g. ADE_train_00000001.png"""
+
+
+def contiguous_segments(segs, things: Dict[int, int], stuff: Dict[int, int], where: str,
+                        unknown_hint: str) -> list:
+    """COCO-panoptic ``segments_info`` with dataset category ids -> contiguous ids plus "isthing";
+    an id in neither table is a DatasetFormatError naming ``where`` (file and annotation)."""
+    out = []
+    for seg in segs:
+        cat = int(seg["category_id"])
+        if cat in things:
+            cid, isthing = things[cat], True
+        elif cat in stuff:
+            cid, isthing = stuff[cat], False
+        else:
+            raise DatasetFormatError(f"{where} has category_id {cat}, {unknown_hint}")
+        out.append(dict(seg, id=int(seg["id"]), category_id=cid, isthing=isthing,
+                        iscrowd=int(seg.get("iscrowd", 0))))
+    return out

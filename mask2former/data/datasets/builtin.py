@@ -35,7 +35,7 @@ import numpy as np
 
 from ..catalog import _BUILTIN as _BUILTIN_METADATA  # name -> builder of the class tables
 from ..catalog import DatasetCatalog, MetadataCatalog
-from ._common import DatasetFormatError, int_key_table, load_json
+from ._common import DatasetFormatError, contiguous_segments, int_key_table, load_json
 from .coco import load_coco_instances_json, load_coco_panoptic_json, load_sem_seg
 from .register import _set_metadata
 
@@ -280,19 +280,9 @@ def load_cityscapes_panoptic(image_dir: str, gt_dir: str, gt_json: str, meta: An
                 f"{gt_json}: annotation #{k} is for image {image_id!r}, which has no "
                 f"{image_id}{_CS_IMAGE_SUFFIX} under {image_dir}")
         image_file, city = images[image_id]
-        segments = []
-        for seg in segs:
-            cat = int(seg["category_id"])
-            if cat in things:
-                cid, isthing = things[cat], True
-            elif cat in stuff:
-                cid, isthing = stuff[cat], False
-            else:
-                raise DatasetFormatError(
-                    f"{gt_json}: annotation #{k} (image {image_id!r}) has category_id {cat}, "
-                    "which is not a Cityscapes class with a train id")
-            segments.append(dict(seg, id=int(seg["id"]), category_id=cid, isthing=isthing,
-                                 iscrowd=int(seg.get("iscrowd", 0))))
+        segments = contiguous_segments(
+            segs, things, stuff, f"{gt_json}: annotation #{k} (image {image_id!r})",
+            "which is not a Cityscapes class with a train id")
         ret.append({
             "file_name": image_file,
             "image_id": image_id,

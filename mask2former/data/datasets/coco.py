@@ -15,6 +15,7 @@ from ._common import (
     COCO_LAYOUT,
     SEM_SEG_LAYOUT,
     DatasetFormatError,
+    contiguous_segments,
     int_key_table,
     load_json,
     meta_get,
@@ -86,22 +87,9 @@ def load_coco_panoptic_json(
             image_file = os.path.join(image_dir, img["file_name"])
         else:  # COCO convention: same base name as the PNG, ".jpg"
             image_file = os.path.join(image_dir, os.path.splitext(png)[0] + ".jpg")
-        segments = []
-        for seg in segs:
-            cat = int(seg["category_id"])
-            if cat in things:
-                cid, isthing = things[cat], True
-            elif cat in stuff:
-                cid, isthing = stuff[cat], False
-            else:
-                raise DatasetFormatError(
-                    f"{json_file}: annotation #{k} (image {raw_id!r}) has category_id {cat}, "
-                    "which is in neither the thing nor the stuff table of the metadata"
-                )
-            out = dict(seg)
-            out.update(id=int(seg["id"]), category_id=cid, isthing=isthing,
-                       iscrowd=int(seg.get("iscrowd", 0)))
-            segments.append(out)
+        segments = contiguous_segments(
+            segs, things, stuff, f"{json_file}: annotation #{k} (image {raw_id!r})",
+            "which is in neither the thing nor the stuff table of the metadata")
         record = {
             "file_name": image_file,
             "image_id": _image_id(raw_id),
