@@ -561,6 +561,5 @@ def test_build_evaluators(dataset_name, tmp_path):
     cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = False
     with pytest.raises(NotImplementedError, match="No evaluator"):
         build_evaluators(cfg, dataset_name)
-    with pytest.raises(NotImplementedError, match="cityscapesscripts"):
-        build_evaluators(cfg, "cityscapes_fine_sem_seg_val")
+    # the Cityscapes types are covered in tests/test_cityscapes_evaluation.py
 

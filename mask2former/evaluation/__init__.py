@@ -11,6 +11,7 @@ import os
 from typing import Any, List, Optional
 
 from ..data.catalog import MetadataCatalog
+from .cityscapes_evaluation import CityscapesInstanceEvaluator, CityscapesSemSegEvaluator
 from .evaluator import DatasetEvaluator, DatasetEvaluators, inference_context, inference_on_dataset
 from .instance_evaluation import COCOEvaluator, InstanceSegEvaluator, instances_to_coco_json
 from .panoptic_evaluation import COCOPanopticEvaluator, PQStat, pq_compute_single
@@ -28,6 +29,8 @@ __all__ = [
     "COCOEvaluator",
     "instances_to_coco_json",
     "SemSegEvaluator",
+    "CityscapesSemSegEvaluator",
+    "CityscapesInstanceEvaluator",
     "build_evaluators",
 ]
 
@@ -66,12 +69,19 @@ def build_evaluators(cfg: Any, dataset_name: str, output_dir: Optional[str] = No
     ``mapillary_vistas_panoptic_seg``  COCOPanopticEvaluator if PANOPTIC_ON,
                                     InstanceSegEvaluator if INSTANCE_ON, SemSegEvaluator if
                                     SEMANTIC_ON
-    ``cityscapes_panoptic_seg``     COCOPanopticEvaluator if PANOPTIC_ON
+    ``cityscapes_sem_seg``          CityscapesSemSegEvaluator (only)
+    ``cityscapes_instance``         CityscapesInstanceEvaluator (only)
+    ``cityscapes_panoptic_seg``     COCOPanopticEvaluator if PANOPTIC_ON,
+                                    CityscapesSemSegEvaluator if SEMANTIC_ON,
+                                    CityscapesInstanceEvaluator if INSTANCE_ON
     ==============================  ===========================================================
 
-    The Cityscapes-specific evaluators (``cityscapes_sem_seg``, ``cityscapes_instance``, and the
-    semantic / instance evaluation of ``cityscapes_panoptic_seg``) need ``cityscapesscripts`` and
-    are not implemented: the first two raise, the latter are skipped with a warning. LVIS is not
+    The Cityscapes evaluators need the optional package ``cityscapesscripts``
+    (``pip install "mask2former[cityscapes]"``). Without it, ``cityscapes_sem_seg`` and
+    ``cityscapes_instance`` raise ImportError; for ``cityscapes_panoptic_seg`` the semantic /
+    instance evaluators are skipped with a warning when PQ is evaluated, and the ImportError is
+    raised when nothing else would be. As in the official script, the Cityscapes evaluators
+    keep their predictions in a temporary folder, not under ``output_dir``. LVIS is not
     supported. The official script's box AP for ``coco`` datasets is not computed (Mask2Former
     predicts no boxes of its own); use ``InstanceSegEvaluator(tasks=("segm", "bbox"))`` for
     boxes derived from the masks.
@@ -86,6 +96,8 @@ def build_evaluators(cfg: Any, dataset_name: str, output_dir: Optional[str] = No
 
     Raises:
         NotImplementedError: when no evaluator applies.
+        ImportError: when the Cityscapes evaluators that apply need ``cityscapesscripts`` and it
+            is not installed.
     """
     if output_dir is None:
         output_dir = os.path.join(getattr(cfg, "OUTPUT_DIR", "./output"), "inference")
@@ -94,11 +106,10 @@ def build_evaluators(cfg: Any, dataset_name: str, output_dir: Optional[str] = No
     instance_on = _test_flag(cfg, "INSTANCE_ON", False)
     semantic_on = _test_flag(cfg, "SEMANTIC_ON", True)
 
-    if evaluator_type in ("cityscapes_sem_seg", "cityscapes_instance"):
-        raise NotImplementedError(
-            f"Dataset {dataset_name!r} needs the Cityscapes evaluator ({evaluator_type}), which relies "
-            f"on cityscapesscripts and is not implemented yet"
-        )
+    if evaluator_type == "cityscapes_sem_seg":
+        return CityscapesSemSegEvaluator(dataset_name)
+    if evaluator_type == "cityscapes_instance":
+        return CityscapesInstanceEvaluator(dataset_name)
 
     evaluators: List[DatasetEvaluator] = []
     if evaluator_type in ("sem_seg", "ade20k_panoptic_seg"):
@@ -112,11 +123,16 @@ def build_evaluators(cfg: Any, dataset_name: str, output_dir: Optional[str] = No
             evaluators.append(InstanceSegEvaluator(dataset_name, output_dir=output_dir))
     if evaluator_type in ("coco_panoptic_seg", "mapillary_vistas_panoptic_seg") and semantic_on:
         evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_dir))
-    if evaluator_type == "cityscapes_panoptic_seg" and (semantic_on or instance_on):
-        logger.warning(
-            "Cityscapes semantic / instance evaluation (cityscapesscripts) is not implemented; "
-            "only PQ is evaluated for %r", dataset_name,
-        )
+    if evaluator_type == "cityscapes_panoptic_seg":
+        wanted = [cls for cls, on in ((CityscapesSemSegEvaluator, semantic_on),
+                                      (CityscapesInstanceEvaluator, instance_on)) if on]
+        for cls in wanted:
+            try:
+                evaluators.append(cls(dataset_name))
+            except ImportError as e:
+                if not evaluators:
+                    raise
+                logger.warning("%s is skipped for %r: %s", cls.__name__, dataset_name, e)
 
     if not evaluators:
         raise NotImplementedError(

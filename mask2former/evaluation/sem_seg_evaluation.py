@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 from PIL import Image
