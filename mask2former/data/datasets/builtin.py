@@ -82,7 +82,8 @@ coco/
     "coco_stuff_10k": """\
 coco/coco_stuff_10k/
   images_detectron2/{train,test}/         images (*.jpg)
-  annotations_detectron2/{train,test}/    label PNGs (171 contiguous ids, 255 = ignore)""",
+  annotations_detectron2/{train,test}/    label PNGs (171 contiguous ids, 255 = ignore)
+                                          (python -m mask2former.data.prepare coco_stuff_10k)""",
     "ade20k": """\
 ADEChallengeData2016/
   images/{training,validation}/           images (ADE_*.jpg)
@@ -90,13 +91,14 @@ ADEChallengeData2016/
   annotations_detectron2/{training,validation}/
                                           labels - 1, 0 -> 255
                                           (python -m mask2former.data.prepare ade20k_sem_seg)
-  ade20k_panoptic_{train,val}.json        panoptic annotations   } made from the instance
-  ade20k_panoptic_{train,val}/            panoptic PNGs          } annotations
-  ade20k_instance_{train,val}.json        COCO-format instances  } (see the README)""",
+  ade20k_panoptic_{train,val}.json        panoptic annotations   (python -m mask2former.data.prepare
+  ade20k_panoptic_{train,val}/            panoptic PNGs           ade20k_panoptic)
+  ade20k_instance_{train,val}.json        COCO-format instances  (... prepare ade20k_instance)""",
     "ade20k_full": """\
 ADE20K_2021_17_01/
   images_detectron2/{training,validation}/       images (*.jpg)
-  annotations_detectron2/{training,validation}/  16-bit TIFF labels (847 classes, 65535 = ignore)""",
+  annotations_detectron2/{training,validation}/  16-bit TIFF labels (847 classes, 65535 = ignore)
+                                          (python -m mask2former.data.prepare ade20k_full)""",
     "cityscapes": """\
 cityscapes/
   leftImg8bit/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
