@@ -7,6 +7,10 @@ Shape legend:
     H, W   padded input size (masks are upsampled to it first)
     h, w   the image's size before padding
     oh, ow the requested output size ("height"/"width" of the input dict)
+    N   number of instance detections (<= topk)
+
+Panoptic and instance results depend on the masks of a few queries only (panoptic_keep,
+instance_candidates): the meta architecture upsamples just those when semantic output is off.
 """
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -20,8 +24,12 @@ def sem_seg_postprocess(result: torch.Tensor, img_size: Tuple[int, int], output_
                         output_width: int) -> torch.Tensor:
     """Crop the padding off (C, H, W) ``result`` to ``img_size`` (h, w), then resize bilinearly
     to (C, oh, ow)."""
-    result = result[:, : img_size[0], : img_size[1]].expand(1, -1, -1, -1)
-    return F.interpolate(result, size=(output_height, output_width), mode="bilinear", align_corners=False)[0]
+    result = result[:, : img_size[0], : img_size[1]]
+    if tuple(result.shape[-2:]) == (output_height, output_width):
+        # a same-size bilinear resize weighs each pixel by 1 and its neighbour by 0: a no-op
+        return result
+    return F.interpolate(result[None], size=(output_height, output_width), mode="bilinear",
+                         align_corners=False)[0]
 
 
 def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
@@ -29,6 +37,14 @@ def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch
     sum over queries of softmax class probability times sigmoid mask probability."""
     probs = F.softmax(mask_cls, dim=-1)[..., :-1]
     return torch.einsum("qc,qhw->chw", probs, mask_pred.sigmoid())
+
+
+def panoptic_keep(mask_cls: torch.Tensor, *, num_classes: int, object_mask_threshold: float) -> torch.Tensor:
+    """mask_cls (Q, K+1) -> (Q,) bool: the queries panoptic_inference uses (a class other than
+    "no object" with probability > object_mask_threshold). Row-wise, so
+    ``panoptic_inference(mask_cls[keep], mask_pred[keep])`` equals the call on all queries."""
+    scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
+    return labels.ne(num_classes) & (scores > object_mask_threshold)
 
 
 def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, *, num_classes: int,
@@ -43,7 +59,7 @@ def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, *, num_c
     ``thing_ids``: contiguous class ids that are things (None: every class is a thing).
     """
     scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
-    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    keep = panoptic_keep(mask_cls, num_classes=num_classes, object_mask_threshold=object_mask_threshold)
     cur_scores, cur_classes = scores[keep], labels[keep]
     cur_masks = mask_pred[keep].sigmoid()
     h, w = cur_masks.shape[-2:]
@@ -98,14 +114,14 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
-def instance_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, *, num_classes: int, topk: int,
-                       thing_ids: Optional[Set[int]] = None) -> Instances:
-    """mask_cls (Q, K+1), mask_pred (Q, H, W) logits -> Instances of up to ``topk`` detections.
+def instance_candidates(mask_cls: torch.Tensor, *, num_classes: int, topk: int,
+                        thing_ids: Optional[Set[int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mask_cls (Q, K+1) -> the detections' class probabilities (N,), classes (N,) and query
+    indices (N,), N <= topk.
 
     Every (query, class) pair is a candidate scored by its class probability; the top ``topk``
     pairs are kept (a query may appear with several classes). With ``thing_ids`` given, pairs of
-    stuff classes are dropped afterwards. Masks are logits > 0; the final score multiplies the
-    class probability by the mean mask probability inside the binary mask.
+    stuff classes are dropped afterwards.
     """
     q = mask_cls.shape[0]
     scores = F.softmax(mask_cls, dim=-1)[:, :-1]
@@ -113,16 +129,34 @@ def instance_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, *, num_c
     topk = min(topk, scores.numel())
     scores_per_image, topk_indices = scores.flatten(0, 1).topk(topk, sorted=False)
     labels_per_image = labels[topk_indices]
-    mask_pred = mask_pred[torch.div(topk_indices, num_classes, rounding_mode="floor")]
+    query_index = torch.div(topk_indices, num_classes, rounding_mode="floor")
     if thing_ids is not None:
         keep = torch.tensor([int(lab) in thing_ids for lab in labels_per_image.tolist()], dtype=torch.bool,
-                            device=mask_pred.device)
-        scores_per_image, labels_per_image, mask_pred = scores_per_image[keep], labels_per_image[keep], mask_pred[keep]
+                            device=mask_cls.device)
+        scores_per_image, labels_per_image, query_index = scores_per_image[keep], labels_per_image[keep], query_index[keep]
+    return scores_per_image, labels_per_image, query_index
+
+
+def instances_from_candidates(scores: torch.Tensor, labels: torch.Tensor, mask_pred: torch.Tensor) -> Instances:
+    """scores (N,), labels (N,), mask_pred (N, H, W) logits of each detection's query -> Instances.
+
+    Masks are logits > 0; the final score multiplies the class probability by the mean mask
+    probability inside the binary mask.
+    """
     binary = (mask_pred > 0).float()
     mask_scores = (mask_pred.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
     result = Instances(tuple(mask_pred.shape[-2:]))
     result.pred_masks = binary
     result.pred_boxes = Boxes(masks_to_boxes(binary))
-    result.scores = scores_per_image * mask_scores
-    result.pred_classes = labels_per_image
+    result.scores = scores * mask_scores
+    result.pred_classes = labels
     return result
+
+
+def instance_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, *, num_classes: int, topk: int,
+                       thing_ids: Optional[Set[int]] = None) -> Instances:
+    """mask_cls (Q, K+1), mask_pred (Q, H, W) logits -> Instances of up to ``topk`` detections
+    (:func:`instance_candidates` then :func:`instances_from_candidates`)."""
+    scores, labels, query_index = instance_candidates(mask_cls, num_classes=num_classes, topk=topk,
+                                                      thing_ids=thing_ids)
+    return instances_from_candidates(scores, labels, mask_pred[query_index])

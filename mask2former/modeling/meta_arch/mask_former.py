@@ -65,7 +65,8 @@ class MaskFormer(nn.Module):
                  object_mask_threshold: float, overlap_threshold: float, thing_ids: Optional[Set[int]] = None,
                  size_divisibility: int, sem_seg_postprocess_before_inference: bool,
                  pixel_mean: Tuple[float, ...], pixel_std: Tuple[float, ...], semantic_on: bool = True,
-                 panoptic_on: bool = False, instance_on: bool = False, test_topk_per_image: int = 100):
+                 panoptic_on: bool = False, instance_on: bool = False, test_topk_per_image: int = 100,
+                 fast_inference: bool = True):
         super().__init__()
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
@@ -87,11 +88,17 @@ class MaskFormer(nn.Module):
         self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
         self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
         self.test_topk_per_image = test_topk_per_image
+        # False: the plain inference path (every query's mask upsampled), kept as the reference
+        # that tests compare the fast path with; both give the same results
+        self.fast_inference = fast_inference
 
     @classmethod
-    def from_config(cls, cfg):
-        backbone = build_backbone(cfg)
-        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+    def from_config(cls, cfg, backbone: Optional[nn.Module] = None, sem_seg_head: Optional[nn.Module] = None):
+        # ``backbone`` / ``sem_seg_head``: modules built elsewhere (e.g. by Detectron2's registries,
+        # see mask2former.detectron2); built from cfg with this package's registries when None
+        backbone = backbone if backbone is not None else build_backbone(cfg)
+        if sem_seg_head is None:
+            sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         test = cfg.MODEL.MASK_FORMER.TEST
         return {
             "backbone": backbone,
@@ -207,17 +214,24 @@ class MaskFormer(nn.Module):
         results: List[Optional[Dict]] = [None] * len(images)
         for idx in groups.values():
             batch, sizes = pad_images([images[i] for i in idx], self.size_divisibility)
-            outputs = self.sem_seg_head(self.backbone(batch))
+            outputs = self.predict_padded(batch)
             group_results = self.postprocess(outputs, [batched_inputs[i] for i in idx], sizes, tuple(batch.shape[-2:]))
             for i, r in zip(idx, group_results):
                 results[i] = r
         return results
+
+    def predict_padded(self, batch: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Head outputs ("pred_logits" (N, Q, K+1), "pred_masks" (N, Q, H/4, W/4)) of a normalised,
+        padded (N, C, H, W) batch, as inference computes them (also used by test-time augmentation)."""
+        return self.sem_seg_head(self.backbone(batch))
 
     def _padded_size(self, image: torch.Tensor) -> Tuple[int, int]:
         d = max(self.size_divisibility, 1)
         return (-(-image.shape[-2] // d) * d, -(-image.shape[-1] // d) * d)
 
     def postprocess(self, outputs, batched_inputs, image_sizes, padded_size):
+        if self.fast_inference and not self.semantic_on:
+            return self.postprocess_selected(outputs, batched_inputs, image_sizes, padded_size)
         mask_pred_results = F.interpolate(outputs["pred_masks"], size=padded_size, mode="bilinear",
                                           align_corners=False)
         results = []
@@ -242,5 +256,45 @@ class MaskFormer(nn.Module):
                 res["instances"] = post.instance_inference(
                     mask_cls, mask_pred, num_classes=self.sem_seg_head.num_classes, topk=self.test_topk_per_image,
                     thing_ids=self.thing_ids if self.panoptic_on else None)
+            results.append(res)
+        return results
+
+    def postprocess_selected(self, outputs, batched_inputs, image_sizes, padded_size):
+        """Panoptic / instance results from the masks of the queries they use only: the others
+        are never upsampled. Interpolation is per channel, so the results equal postprocess()'s
+        plain path exactly."""
+        num_classes = self.sem_seg_head.num_classes
+        results = []
+        for mask_cls, masks, inp, image_size in zip(outputs["pred_logits"], outputs["pred_masks"], batched_inputs,
+                                                    image_sizes):
+            height = int(inp.get("height", image_size[0]))
+            width = int(inp.get("width", image_size[1]))
+            mask_cls = mask_cls.to(masks)  # as postprocess() does before inference
+            used = []
+            if self.panoptic_on:
+                keep = post.panoptic_keep(mask_cls, num_classes=num_classes,
+                                          object_mask_threshold=self.object_mask_threshold).nonzero().flatten()
+                used.append(keep)
+            if self.instance_on:
+                scores, labels, query_index = post.instance_candidates(
+                    mask_cls, num_classes=num_classes, topk=self.test_topk_per_image,
+                    thing_ids=self.thing_ids if self.panoptic_on else None)
+                used.append(query_index)
+            needed = torch.cat(used).unique()  # sorted
+            if needed.numel():
+                selected = F.interpolate(masks[needed][None], size=padded_size, mode="bilinear",
+                                         align_corners=False)[0]
+                selected = post.sem_seg_postprocess(selected, image_size, height, width)
+            else:
+                selected = masks.new_zeros((0, height, width))
+            row = torch.full((masks.shape[0],), -1, dtype=torch.long, device=masks.device)
+            row[needed] = torch.arange(needed.numel(), device=masks.device)
+            res = {}
+            if self.panoptic_on:
+                res["panoptic_seg"] = post.panoptic_inference(
+                    mask_cls[keep], selected[row[keep]], num_classes=num_classes, thing_ids=self.thing_ids,
+                    object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold)
+            if self.instance_on:
+                res["instances"] = post.instances_from_candidates(scores, labels, selected[row[query_index]])
             results.append(res)
         return results

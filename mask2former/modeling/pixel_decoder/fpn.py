@@ -20,7 +20,7 @@ NUM_MULTI_SCALE_FEATURES = 3  # the transformer decoder always reads three scale
 def fpn_output_conv(in_channels: int, conv_dim: int, norm) -> Conv2d:
     """3x3 conv + norm + ReLU; bias only when there is no norm."""
     conv = Conv2d(in_channels, conv_dim, kernel_size=3, padding=1, bias=norm == "",
-                  norm=get_norm(norm, conv_dim), activation=F.relu)
+                  norm=get_norm(norm, conv_dim), activation=F.relu_)
     c2_xavier_fill(conv)
     return conv
 

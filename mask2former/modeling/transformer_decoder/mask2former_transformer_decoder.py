@@ -109,8 +109,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 output, src[level], memory_mask=attn_mask, pos=pos[level], query_pos=query_pos)
             output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
             output = self.transformer_ffn_layers[i](output)
+            # the last layer's attention mask would have no reader
             logits, masks, attn_mask = self.prediction_heads(
-                output, mask_features, sizes[(i + 1) % self.num_feature_levels])
+                output, mask_features, sizes[(i + 1) % self.num_feature_levels],
+                with_attn_mask=i + 1 < self.num_layers)
             all_logits.append(logits)
             all_masks.append(masks)
         return {

@@ -1,0 +1,128 @@
+"""The fast inference path gives the plain path's outputs on the parity models.
+
+Fast path (the default): panoptic / instance post-processing upsamples only the masks of the
+queries it uses (``MaskFormer.postprocess_selected``), and the MSDeformAttn op is the compiled
+kernel when it is available. Plain path: ``model.fast_inference = False`` (every query's mask
+upsampled, as the official code does) and ``M2F_OPS=reference`` (the grid_sample op).
+
+With the same op the two post-processings are bitwise equal. Across ops (compiled vs reference)
+the float rounding differs, so probabilities agree to the parity tolerance and discrete outputs
+(classes, segments) are equal.
+"""
+import numpy as np
+import pytest
+import torch
+
+from test_parity import MODELS, PIXEL_AGREEMENT, PROB_TOL, build_parity_model, canonical_panoptic, parity_cases
+
+TASK_SETS = [("panoptic",), ("instance",), ("panoptic", "instance"), ("panoptic", "instance", "semantic")]
+
+
+def parity_inputs(parity_dir, name):
+    io = np.load(parity_dir / f"tiny_{name}_io.npz")
+    out = []
+    for case in parity_cases(io):
+        image, (oh, ow) = io[f"{case}__image"], io[f"{case}__out_hw"]
+        out.append({"image": torch.as_tensor(image.transpose(2, 0, 1)).float(), "height": int(oh), "width": int(ow)})
+    return out
+
+
+def set_tasks(model, tasks):
+    model.panoptic_on = "panoptic" in tasks
+    model.instance_on = "instance" in tasks
+    model.semantic_on = "semantic" in tasks
+    model.sem_seg_postprocess_before_inference = True
+
+
+def run(model, inputs, fast):
+    model.fast_inference = fast
+    with torch.no_grad():
+        return [model([inp])[0] for inp in inputs]
+
+
+def assert_same(a, b, exact):
+    if "panoptic_seg" in a:
+        (seg_a, info_a), (seg_b, info_b) = a["panoptic_seg"], b["panoptic_seg"]
+        if exact:
+            assert torch.equal(seg_a, seg_b) and info_a == info_b
+        else:
+            cats_a, segs_a = canonical_panoptic(seg_a.numpy(), info_a)
+            cats_b, segs_b = canonical_panoptic(seg_b.numpy(), info_b)
+            assert segs_a == segs_b
+            assert (cats_a == cats_b).mean() >= PIXEL_AGREEMENT
+    if "instances" in a:
+        ia, ib = a["instances"], b["instances"]
+        assert ia.pred_classes.tolist() == ib.pred_classes.tolist()
+        if exact:
+            assert torch.equal(ia.scores, ib.scores) and torch.equal(ia.pred_masks, ib.pred_masks)
+            assert torch.equal(ia.pred_boxes.tensor, ib.pred_boxes.tensor)
+        else:
+            torch.testing.assert_close(ia.scores, ib.scores, atol=PROB_TOL, rtol=0)
+            assert (ia.pred_masks == ib.pred_masks).float().mean() >= PIXEL_AGREEMENT
+    if "sem_seg" in a:
+        if exact:
+            assert torch.equal(a["sem_seg"], b["sem_seg"])
+        else:
+            torch.testing.assert_close(a["sem_seg"], b["sem_seg"], atol=PROB_TOL, rtol=0)
+    assert a.keys() == b.keys()
+
+
+def postprocess_both(model, inputs, tasks):
+    """Run the network once per padded-size group, then both post-processings on its outputs."""
+    from mask2former.modeling.meta_arch.mask_former import pad_images
+
+    set_tasks(model, tasks)
+    images = model.normalize(inputs)
+    batch, sizes = pad_images(images, model.size_divisibility)
+    with torch.no_grad():
+        outputs = model.predict_padded(batch)
+        padded = tuple(batch.shape[-2:])
+        model.fast_inference = True
+        fast = model.postprocess(outputs, inputs, sizes, padded)
+        model.fast_inference = False
+        plain = model.postprocess(outputs, inputs, sizes, padded)
+    return fast, plain
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_selected_postprocessing_is_bitwise_plain(parity_dir, name):
+    model = build_parity_model(parity_dir, name)
+    kept = 0
+    for inp in parity_inputs(parity_dir, name):
+        # the parity output size, and one that differs from the input's (a real second resize)
+        for out in (inp, dict(inp, height=inp["height"] + 7, width=inp["width"] - 5)):
+            for tasks in TASK_SETS:
+                fast, plain = postprocess_both(model, [out], tasks)
+                assert_same(fast[0], plain[0], exact=True)
+                kept += len(fast[0].get("panoptic_seg", (None, []))[1]) + len(fast[0].get("instances", []))
+    assert kept > 0, "no segment or instance was produced: the comparison would be vacuous"
+
+
+def test_selected_postprocessing_of_a_batch(parity_dir):
+    model = build_parity_model(parity_dir, "panoptic")
+    first = parity_inputs(parity_dir, "panoptic")[0]
+    image = first["image"]
+    # two images of one size in one batch, the second flipped, with different output sizes
+    inputs = [first, {"image": image.flip(-1), "height": image.shape[1] * 2, "width": image.shape[2] * 2}]
+    for tasks in TASK_SETS[:3]:
+        fast, plain = postprocess_both(model, inputs, tasks)
+        assert len(fast) == 2
+        for a, b in zip(fast, plain):
+            assert_same(a, b, exact=True)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_path_with_compiled_op_matches_plain_reference_path(parity_dir, name, monkeypatch):
+    from mask2former.ops import _extension
+
+    if not _extension.backend_info().cpu:
+        pytest.skip("the compiled CPU op is not available here (no compiler): fast and plain use the same op")
+    model = build_parity_model(parity_dir, name)
+    inputs = parity_inputs(parity_dir, name)
+    set_tasks(model, TASK_SETS[-1])
+    monkeypatch.setenv("M2F_OPS", "compiled")
+    fast = run(model, inputs, True)
+    monkeypatch.setenv("M2F_OPS", "reference")
+    plain = run(model, inputs, False)
+    for a, b in zip(fast, plain):
+        assert_same(a, b, exact=False)
