@@ -7,6 +7,7 @@
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
     torchrun --nproc_per_node 8 train_net.py --config-file ...              # multi-GPU
     python train_net.py --datasets my_datasets.yaml --config-file ... DATASETS.TRAIN "('my_train',)"
+    python train_net.py --engine detectron2 --config-file ...                # Detectron2's trainer and evaluators
 
 Built-in datasets are read from $DETECTRON2_DATASETS (default ./datasets; see datasets/README.md);
 custom ones are registered from the YAML files given by --datasets or $M2F_DATASETS_YAML.
@@ -56,7 +57,22 @@ def evaluate(cfg, args, trainer_cls=Trainer):
     return results
 
 
+def run_detectron2(args):
+    """--engine detectron2: Detectron2's DefaultTrainer and evaluators (mask2former.detectron2.trainer)."""
+    from mask2former.detectron2 import INSTALL_HINT, is_available
+
+    if not is_available():
+        sys.stderr.write(f"--engine detectron2: {INSTALL_HINT}\nOr use the default --engine ours, which needs no "
+                         "Detectron2.\n")
+        raise SystemExit(2)
+    from mask2former.detectron2.trainer import launch_main
+
+    return launch_main(args)
+
+
 def main(args, trainer_cls=Trainer):
+    if getattr(args, "engine", "ours") == "detectron2":
+        return run_detectron2(args)
     cfg = setup(args)
     if args.eval_only:
         return evaluate(cfg, args, trainer_cls)

@@ -13,3 +13,9 @@ from .modeling import build_model
 __version__ = "0.1.0"
 
 __all__ = ["get_cfg", "build_model", "load_checkpoint", "add_maskformer2_config", "add_deeplab_config"]
+
+# With Detectron2 installed, register MaskFormer and the datasets in its registries (as the official
+# extension does); without it this is one cheap check. M2F_DETECTRON2=0 turns it off.
+from .detectron2 import maybe_register as _maybe_register_detectron2  # noqa: E402
+
+_maybe_register_detectron2()

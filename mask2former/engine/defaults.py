@@ -108,7 +108,8 @@ def check_engine(args) -> None:
             "(see https://detectron2.readthedocs.io/en/latest/tutorials/install.html), or use the "
             "default --engine ours.\n")
         raise SystemExit(2)
-    sys.stderr.write("--engine detectron2 is not implemented yet; use the default --engine ours.\n")
+    sys.stderr.write("--engine detectron2 is not implemented by mask2former.engine.setup (this package's own "
+                     "engine); train_net.py --engine detectron2 runs mask2former.detectron2.trainer.\n")
     raise SystemExit(2)
 
 

@@ -1,0 +1,142 @@
+"""Register this package's model and datasets in Detectron2 (needs Detectron2).
+
+:func:`register_all` is idempotent; ``import mask2former`` calls it when Detectron2 is installed.
+
+* META_ARCH "MaskFormer": :class:`MaskFormer`, this package's meta architecture with its backbone
+  and head built through Detectron2's ``build_backbone`` / ``build_sem_seg_head`` (so Detectron2's
+  ResNet, "build_resnet_backbone", is the R50/R101 backbone, as in the official extension),
+  thing classes read from Detectron2's ``MetadataCatalog`` and Detectron2 structures out.
+* SEM_SEG_HEADS "MaskFormerHead": this package's head, unchanged (it reads the ``channels`` and
+  ``stride`` of Detectron2's ``ShapeSpec`` like those of its own).
+* BACKBONE "D2SwinTransformer": this package's Swin, also a Detectron2 ``Backbone``.
+* Datasets: every name of this package's ``DatasetCatalog`` that Detectron2's lacks, loading
+  through this package's loaders, with its metadata copied to Detectron2's ``MetadataCatalog``.
+  Names Detectron2 registers itself (``coco_2017_val_panoptic``, ``ade20k_sem_seg_val``,
+  ``cityscapes_fine_*``, ...) are left to Detectron2, as the official extension does.
+"""
+import functools
+import logging
+import warnings
+from typing import Dict, Optional, Set
+
+from detectron2.data import DatasetCatalog as D2DatasetCatalog
+from detectron2.data import MetadataCatalog as D2MetadataCatalog
+from detectron2.layers import ShapeSpec as D2ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+from detectron2.modeling import Backbone as D2Backbone
+from detectron2.modeling import build_backbone, build_sem_seg_head
+
+from ..data.catalog import DatasetCatalog, MetadataCatalog, thing_contiguous_ids
+from ..modeling.backbone.swin import D2SwinTransformer as _Swin
+from ..modeling.heads import MaskFormerHead
+from ..modeling.meta_arch.mask_former import MaskFormer as _MaskFormer
+from ..utils.registry import PIXEL_DECODER_REGISTRY, TRANSFORMER_DECODER_REGISTRY
+from .convert import to_detectron2_outputs
+
+__all__ = [
+    "MaskFormer",
+    "MaskFormerHead",
+    "D2SwinTransformer",
+    "PIXEL_DECODER_REGISTRY",
+    "TRANSFORMER_DECODER_REGISTRY",
+    "register_all",
+    "register_models",
+    "register_datasets",
+]
+
+logger = logging.getLogger(__name__)
+
+# dataset names this module registered in Detectron2's catalogs
+_MIRRORED: Set[str] = set()
+
+
+def _thing_ids_from_detectron2(cfg) -> Optional[Set[int]]:
+    for name in list(cfg.DATASETS.TEST[:1]) + list(cfg.DATASETS.TRAIN[:1]):
+        if name in D2MetadataCatalog.list():
+            ids = thing_contiguous_ids(D2MetadataCatalog.get(name))
+            if ids is not None:
+                return ids
+    return None
+
+
+class MaskFormer(_MaskFormer):
+    """Detectron2's META_ARCH "MaskFormer": this package's :class:`~mask2former.modeling.MaskFormer`
+    built from Detectron2's registries. Training returns the loss dict; inference returns one
+    dict per image with ``instances`` as a Detectron2 ``Instances``."""
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        ret = super().from_config(cfg, backbone=backbone, sem_seg_head=sem_seg_head)
+        thing_ids = _thing_ids_from_detectron2(cfg)
+        if thing_ids is not None:
+            ret["thing_ids"] = thing_ids
+        return ret
+
+    def forward(self, batched_inputs):
+        outputs = super().forward(batched_inputs)
+        return outputs if self.training else to_detectron2_outputs(outputs)
+
+
+class D2SwinTransformer(_Swin, D2Backbone):
+    """Detectron2's BACKBONE "D2SwinTransformer": this package's Swin as a Detectron2 ``Backbone``."""
+
+    def output_shape(self) -> Dict[str, D2ShapeSpec]:
+        return {k: D2ShapeSpec(channels=v.channels, stride=v.stride) for k, v in super().output_shape().items()}
+
+
+def _register(registry, obj) -> None:
+    name = obj.__name__
+    if name in registry:
+        existing = registry.get(name)
+        if existing is not obj:
+            owner = getattr(existing, "__module__", "?")
+            if not owner.startswith("mask2former"):
+                warnings.warn(f"Detectron2's {registry._name} registry already has {name!r} (from {owner}); "
+                              "mask2former leaves it in place", RuntimeWarning, stacklevel=3)
+        return
+    registry.register(obj)
+
+
+def register_models() -> None:
+    """MaskFormer, MaskFormerHead and D2SwinTransformer in Detectron2's registries."""
+    _register(META_ARCH_REGISTRY, MaskFormer)
+    _register(SEM_SEG_HEADS_REGISTRY, MaskFormerHead)
+    _register(BACKBONE_REGISTRY, D2SwinTransformer)
+
+
+def _load(name: str):
+    return DatasetCatalog.get(name)
+
+
+def _copy_metadata(name: str) -> None:
+    d2_meta = D2MetadataCatalog.get(name)
+    for key, value in MetadataCatalog.get(name).as_dict().items():
+        if key == "name":
+            continue
+        try:
+            setattr(d2_meta, key, value)
+        except AssertionError:  # Detectron2 already has a different value: keep its own
+            logger.warning("metadata %r of dataset %r differs in Detectron2's MetadataCatalog; keeping "
+                           "Detectron2's", key, name)
+
+
+def register_datasets() -> list:
+    """Register in Detectron2's catalogs the datasets of this package that Detectron2 lacks
+    (again after more were registered: e.g. ``--datasets`` YAML files). Returns the new names."""
+    new = []
+    d2_names = set(D2DatasetCatalog.list())
+    for name in DatasetCatalog.list():
+        if name in _MIRRORED or name in d2_names:
+            continue
+        D2DatasetCatalog.register(name, functools.partial(_load, name))
+        _copy_metadata(name)
+        _MIRRORED.add(name)
+        new.append(name)
+    return new
+
+
+def register_all() -> None:
+    register_models()
+    register_datasets()

@@ -1,0 +1,225 @@
+"""Training and evaluation with Detectron2's engine: ``train_net.py --engine detectron2`` (needs
+Detectron2).
+
+The same configs and checkpoints as the default engine: the config is Detectron2's
+``get_cfg()`` plus this package's DeepLab and Mask2Former keys; the model is this package's
+(:mod:`mask2former.detectron2.registration`); optimizer, gradient clipping and LR schedule are
+this package's (``SOLVER.*``); data come from this package's mappers through Detectron2's
+loaders; evaluation uses Detectron2's evaluators, chosen by the dataset's ``evaluator_type`` as
+in the official training script. ``model_final.pth`` loads in either engine.
+"""
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg as _d2_get_cfg
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_setup, launch
+from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    CityscapesSemSegEvaluator,
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluators,
+    LVISEvaluator,
+    SemSegEvaluator,
+    verify_results,
+)
+from detectron2.utils.logger import setup_logger
+
+from ..config import add_deeplab_config, add_maskformer2_config
+from ..solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
+from .convert import build_mapper
+from .registration import register_all
+
+__all__ = ["get_cfg", "setup", "Trainer", "InstanceSegEvaluator", "build_evaluator", "main", "launch_main"]
+
+logger = logging.getLogger(__name__)
+
+PANOPTIC_TYPES = ("coco_panoptic_seg", "ade20k_panoptic_seg", "cityscapes_panoptic_seg",
+                  "mapillary_vistas_panoptic_seg")
+
+
+def get_cfg():
+    """Detectron2's default config with the DeepLab and Mask2Former keys added."""
+    cfg = _d2_get_cfg()
+    add_deeplab_config(cfg)
+    add_maskformer2_config(cfg)
+    return cfg
+
+
+class _WithoutThingTable:
+    """A metadata view hiding ``thing_dataset_id_to_contiguous_id`` (see InstanceSegEvaluator)."""
+
+    _HIDDEN = "thing_dataset_id_to_contiguous_id"
+
+    def __init__(self, metadata):
+        self._metadata = metadata
+
+    def __getattr__(self, key):
+        if key == self._HIDDEN:
+            raise AttributeError(key)
+        return getattr(self._metadata, key)
+
+    def get(self, key, default=None):
+        return default if key == self._HIDDEN else self._metadata.get(key, default)
+
+
+class InstanceSegEvaluator(COCOEvaluator):
+    """COCO mask/box AP for panoptic datasets whose thing classes are not contiguous ids
+    0..T-1 (ADE20K, Mapillary Vistas), which Detectron2's COCOEvaluator requires: predictions are
+    mapped to dataset category ids here, and those of non-thing classes are dropped."""
+
+    def process(self, inputs, outputs):
+        start = len(self._predictions)
+        super().process(inputs, outputs)
+        table = self._metadata.get("thing_dataset_id_to_contiguous_id") or {}
+        to_dataset = {v: k for k, v in table.items()}
+        for pred in self._predictions[start:]:
+            if "instances" in pred:
+                pred["instances"] = [dict(r, category_id=to_dataset[r["category_id"]]) for r in pred["instances"]
+                                     if r["category_id"] in to_dataset]
+
+    def _eval_predictions(self, predictions, img_ids=None):
+        metadata = self._metadata
+        self._metadata = _WithoutThingTable(metadata)  # the ids are already the dataset's
+        try:
+            super()._eval_predictions(predictions, img_ids=img_ids)
+        finally:
+            self._metadata = metadata
+
+
+def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None):
+    """Detectron2 evaluators for ``dataset_name`` from its ``evaluator_type`` and the
+    MODEL.MASK_FORMER.TEST.{SEMANTIC,INSTANCE,PANOPTIC}_ON switches (the official choice)."""
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
+    test = cfg.MODEL.MASK_FORMER.TEST
+    evaluators = []
+    if kind in ("sem_seg", "ade20k_panoptic_seg"):
+        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+    if kind == "coco":
+        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+    if kind in PANOPTIC_TYPES and test.PANOPTIC_ON:
+        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+    if kind == "coco_panoptic_seg" and test.INSTANCE_ON:
+        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+    if kind in ("coco_panoptic_seg", "mapillary_vistas_panoptic_seg") and test.SEMANTIC_ON:
+        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+    if kind in ("ade20k_panoptic_seg", "mapillary_vistas_panoptic_seg") and test.INSTANCE_ON:
+        evaluators.append(InstanceSegEvaluator(dataset_name, output_dir=output_folder))
+    if kind == "cityscapes_instance":
+        evaluators.append(CityscapesInstanceEvaluator(dataset_name))
+    if kind == "cityscapes_sem_seg":
+        evaluators.append(CityscapesSemSegEvaluator(dataset_name))
+    if kind == "cityscapes_panoptic_seg":
+        if test.SEMANTIC_ON:
+            evaluators.append(CityscapesSemSegEvaluator(dataset_name))
+        if test.INSTANCE_ON:
+            evaluators.append(CityscapesInstanceEvaluator(dataset_name))
+    if kind == "lvis":
+        evaluators.append(LVISEvaluator(dataset_name, output_dir=output_folder))
+    if not evaluators:
+        raise NotImplementedError(f"no Detectron2 evaluator for dataset {dataset_name!r} of evaluator_type {kind!r}")
+    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+
+def _with_gradient_clipping(optimizer: torch.optim.Optimizer, clipper) -> torch.optim.Optimizer:
+    """Make ``optimizer.step()`` clip the gradients first (Detectron2's trainers call only
+    ``step()``); the optimizer's class becomes a subclass of its own with that step."""
+    if clipper is None:
+        return optimizer
+    base = type(optimizer)
+
+    def step(self, closure=None):
+        clipper(self)
+        return base.step(self, closure)
+
+    optimizer.__class__ = type(base.__name__ + "WithGradientClipping", (base,), {"step": step})
+    return optimizer
+
+
+class Trainer(DefaultTrainer):
+    """Detectron2's ``DefaultTrainer`` with this package's solver, mappers and the official
+    choice of Detectron2 evaluators."""
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return _with_gradient_clipping(build_optimizer(cfg, model), build_gradient_clipper(cfg))
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+
+def setup(args):
+    """Config from ``args`` (Detectron2 defaults + DeepLab + Mask2Former keys, --config-file,
+    opts), Detectron2's ``default_setup`` (output dir, config.yaml, logging, seed)."""
+    from ..engine.defaults import register_custom_datasets
+
+    register_custom_datasets(getattr(args, "datasets", None) or [])
+    register_all()  # also mirrors the datasets just registered
+    cfg = get_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(list(args.opts or []))
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mask2former")
+    return cfg
+
+
+def _report(cfg, results) -> None:
+    if not comm.is_main_process() or not results:
+        return
+    from ..engine.trainer import format_results_table, write_eval_results
+
+    verify_results(cfg, results)
+    print(format_results_table(results))
+    write_eval_results(cfg.OUTPUT_DIR, results)
+
+
+def main(args) -> Any:
+    """Train (or with --eval-only evaluate) in this process; see :func:`launch_main`."""
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        _report(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    results = getattr(trainer, "_last_eval_results", None)
+    _report(cfg, results)
+    return results
+
+
+def launch_main(args) -> Any:
+    """Run :func:`main`: in this process for one GPU/CPU (returning the results), else under
+    Detectron2's ``launch``, which starts one process per GPU ("env://" as --dist-url means
+    "auto" on one machine)."""
+    if args.num_gpus <= 1 and args.num_machines <= 1:
+        return main(args)
+    dist_url = args.dist_url
+    if dist_url == "env://" and args.num_machines == 1 and "MASTER_ADDR" not in os.environ:
+        dist_url = "auto"
+    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                  dist_url=dist_url, args=(args,))

@@ -1,0 +1,404 @@
+"""The optional Detectron2 integration (mask2former/detectron2).
+
+Every test that needs Detectron2 is skipped, with the reason, when it is not installed (it is
+not on PyPI and is never a dependency of this project). Two tests run without it: a broken
+Detectron2 cannot break ``import mask2former``, and ``--engine detectron2`` without Detectron2
+exits with install instructions.
+
+With Detectron2:
+* ``detectron2.modeling.build_model`` builds this package's model from the parity configs
+  (Detectron2's own ResNet as backbone), ``DetectionCheckpointer`` loads the tiny model-zoo
+  checkpoints, and the outputs equal this package's engine's (max abs diff <= 1e-5, masks,
+  classes and panoptic segments identical) and the official outputs (tolerances of
+  tests/test_parity.py); they are Detectron2 structures that its Visualizer draws;
+* the mappers feed Detectron2's loaders with Detectron2 structures;
+* ``train_net.py --engine detectron2`` trains with Detectron2's DefaultTrainer and evaluates with
+  its evaluators; their PQ / AP / mIoU equal this package's evaluators' on the same checkpoint
+  (``train_net.py --eval-only``) within 1e-6 (the metrics are in percent).
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mask2former as m2f
+
+REPO = Path(__file__).resolve().parents[1]
+PARITY_MODELS = ["panoptic", "instance", "semantic", "swin_semantic", "maskformer_semantic"]
+SKIP_REASON = ("Detectron2 is not installed: the optional Detectron2 integration is not tested "
+               "(pip install 'git+https://github.com/facebookresearch/detectron2.git' to run these tests)")
+OUTPUT_TOL = 1e-5  # Detectron2-built model vs this package's engine
+METRIC_TOL = 1e-6  # Detectron2's evaluators vs this package's, in percent points
+
+
+@pytest.fixture(scope="session")
+def d2():
+    return pytest.importorskip("detectron2", reason=SKIP_REASON)
+
+
+def _d2_cfg(path=None):
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    m2f.add_deeplab_config(cfg)
+    m2f.add_maskformer2_config(cfg)
+    if path is not None:
+        cfg.merge_from_file(str(path))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def _run(model, image_hwc, out_hw):
+    inp = {"image": torch.as_tensor(image_hwc.transpose(2, 0, 1)).float(),
+           "height": int(out_hw[0]), "width": int(out_hw[1])}
+    with torch.no_grad():
+        return model([inp])[0]
+
+
+# ----------------------------------------------------------------------------- without Detectron2
+def test_broken_detectron2_does_not_break_import(tmp_path):
+    """A Detectron2 that fails to import costs one warning, never ``import mask2former``."""
+    fake = tmp_path / "detectron2"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('this detectron2 is broken on purpose')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    env.pop("M2F_DETECTRON2", None)
+    code = textwrap.dedent("""
+        import warnings
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import mask2former
+        msgs = [str(x.message) for x in w if "Detectron2" in str(x.message)]
+        assert len(msgs) == 1 and "broken on purpose" in msgs[0] and "M2F_DETECTRON2=0" in msgs[0], msgs
+        assert mask2former.get_cfg() is not None
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_engine_detectron2_without_detectron2_explains(monkeypatch, capsys):
+    import importlib.util
+
+    import mask2former.detectron2 as integration
+
+    spec = importlib.util.spec_from_file_location("train_net", REPO / "train_net.py")
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    monkeypatch.setattr(integration, "is_available", lambda: False)
+    args = train_net.default_argument_parser().parse_args(
+        ["--engine", "detectron2", "--config-file", "configs/synthetic/panoptic.yaml"])
+    with pytest.raises(SystemExit) as e:
+        train_net.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "pip install" in err and "detectron2" in err and "--engine ours" in err
+
+
+# ----------------------------------------------------------------------------- config and registries
+def test_official_configs_merge_into_detectron2_cfg(d2, parity_dir):
+    files = sorted((REPO / "configs").rglob("*.yaml")) + sorted(parity_dir.glob("tiny_*.yaml"))
+    assert len(files) > 10
+    for f in files:
+        cfg = _d2_cfg(f)  # raises on any unknown key
+        assert cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD is not None
+    # the keys are those of the official add_deeplab_config + add_maskformer2_config
+    cfg, ours = _d2_cfg(), m2f.get_cfg()
+    assert cfg.MODEL.MASK_FORMER == ours.MODEL.MASK_FORMER and cfg.MODEL.SWIN == ours.MODEL.SWIN
+    assert cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME == "BasePixelDecoder"
+    assert cfg.SOLVER.POLY_LR_POWER == 0.9 and cfg.INPUT.DATASET_MAPPER_NAME == ours.INPUT.DATASET_MAPPER_NAME
+
+
+def test_components_registered_under_official_names(d2):
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+
+    from mask2former.detectron2 import registration
+    from mask2former.modeling.heads import MaskFormerHead
+
+    assert META_ARCH_REGISTRY.get("MaskFormer") is registration.MaskFormer
+    assert SEM_SEG_HEADS_REGISTRY.get("MaskFormerHead") is MaskFormerHead
+    assert BACKBONE_REGISTRY.get("D2SwinTransformer") is registration.D2SwinTransformer
+    # Detectron2's own ResNet is not replaced
+    assert BACKBONE_REGISTRY.get("build_resnet_backbone").__module__.startswith("detectron2.")
+    for name in ("BasePixelDecoder", "MSDeformAttnPixelDecoder"):
+        assert name in registration.PIXEL_DECODER_REGISTRY
+    for name in ("MultiScaleMaskedTransformerDecoder", "StandardTransformerDecoder"):
+        assert name in registration.TRANSFORMER_DECODER_REGISTRY
+    registration.register_all()  # idempotent
+    # datasets Detectron2 lacks are mirrored into its catalogs, with their metadata
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    assert "synthetic_panoptic_val" in DatasetCatalog.list()
+    meta = MetadataCatalog.get("synthetic_panoptic_val")
+    assert meta.evaluator_type == "coco_panoptic_seg" and meta.thing_classes == ["circle", "square", "triangle"]
+
+
+def test_registration_failure_is_one_warning(d2, monkeypatch):
+    import mask2former.detectron2 as integration
+    from mask2former.detectron2 import registration
+
+    def boom():
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(registration, "register_all", boom)
+    with pytest.warns(RuntimeWarning, match="simulated failure"):
+        assert integration.maybe_register() is False
+    monkeypatch.setenv("M2F_DETECTRON2", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert integration.maybe_register() is False
+
+
+@pytest.mark.parametrize("manifest", ["coco_panoptic_R50", "coco_instance_R50", "ade20k_semantic_R50",
+                                      "ade20k_semantic_swinT", "cityscapes_instance_R101",
+                                      "mapillary_panoptic_R50"])
+def test_detectron2_built_full_model_has_official_keys(d2, parity_dir, manifest):
+    from detectron2.modeling import build_model
+
+    path = parity_dir / f"manifest_{manifest}.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    m = json.loads(path.read_text())
+    model = build_model(_d2_cfg(REPO / m["config"]))
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert set(shapes) == set(m["keys"])
+    assert all(shapes[k] == list(m["keys"][k]) for k in shapes)
+
+
+# ----------------------------------------------------------------------------- parity
+def _build_both(parity_dir, name):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    cfg = _d2_cfg(parity_dir / f"tiny_{name}.yaml")
+    cfg.MODEL.WEIGHTS = ""
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(str(parity_dir / f"tiny_{name}.pkl"))
+
+    ours_cfg = m2f.get_cfg()
+    ours_cfg.merge_from_file(str(parity_dir / f"tiny_{name}.yaml"))
+    ours_cfg.MODEL.DEVICE = "cpu"
+    ours = m2f.build_model(ours_cfg, load_weights=False).eval()
+    res = m2f.load_checkpoint(ours, str(parity_dir / f"tiny_{name}.pkl"))
+    assert not res.missing_keys and not res.unexpected_keys
+    return cfg, model, ours
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PARITY_MODELS)
+def test_detectron2_build_model_matches_ours_and_official(d2, parity_dir, name):
+    from detectron2.modeling import Backbone
+    from detectron2.structures import Boxes, Instances
+
+    from test_parity import PIXEL_AGREEMENT, PROB_TOL, canonical_panoptic, parity_cases, same_partition
+
+    _, model, ours = _build_both(parity_dir, name)
+    assert isinstance(model.backbone, Backbone)
+    if name == "swin_semantic":
+        assert type(model.backbone).__name__ == "D2SwinTransformer"
+    else:
+        assert type(model.backbone).__module__.startswith("detectron2.")  # Detectron2's ResNet
+    # DetectionCheckpointer loaded every tensor: the weights equal those load_checkpoint loads
+    sd, ref = model.state_dict(), ours.state_dict()
+    assert sd.keys() == ref.keys()
+    for k in sd:
+        assert torch.equal(sd[k], ref[k]), k
+
+    io = np.load(parity_dir / f"tiny_{name}_io.npz")
+    checked = set()
+    for case in parity_cases(io):
+        g = lambda key: io[f"{case}__{key}"]  # noqa: E731
+        keys = {k.split("__")[1] for k in io.files if k.startswith(case + "__")}
+        out = _run(model, g("image"), g("out_hw"))
+        mine = _run(ours, g("image"), g("out_hw"))
+        assert set(out) == set(mine)
+        if "sem_seg" in out:
+            sem = out["sem_seg"]
+            assert float((sem - mine["sem_seg"]).abs().max()) <= OUTPUT_TOL
+        if "sem_mean" in keys:
+            np.testing.assert_allclose(sem.mean((1, 2)).numpy(), g("sem_mean"), atol=PROB_TOL, rtol=0)
+            yx = g("sem_yx")
+            np.testing.assert_allclose(sem[:, yx[0], yx[1]].numpy(), g("sem_samples"), atol=PROB_TOL, rtol=0)
+            assert (sem.argmax(0).numpy() == g("sem_argmax")).mean() >= PIXEL_AGREEMENT
+            checked.add("semantic")
+        if "panoptic_seg" in out:
+            seg, info = out["panoptic_seg"]
+            assert isinstance(seg, torch.Tensor) and seg.dtype == torch.int32
+            assert torch.equal(seg, mine["panoptic_seg"][0]) and info == mine["panoptic_seg"][1]
+        if "panoptic_seg" in keys:
+            ref_seg, ref_info = g("panoptic_seg"), json.loads(str(g("panoptic_info")))
+            cats, segs = canonical_panoptic(seg.numpy(), info)
+            ref_cats, ref_segs = canonical_panoptic(ref_seg, ref_info)
+            assert segs == ref_segs and (cats == ref_cats).mean() >= PIXEL_AGREEMENT
+            assert same_partition(seg.numpy(), ref_seg)
+            checked.add("panoptic")
+        if "instances" in out:
+            ins, mins = out["instances"], mine["instances"]
+            assert isinstance(ins, Instances) and isinstance(ins.pred_boxes, Boxes)
+            assert isinstance(ins.pred_masks, torch.Tensor)
+            assert ins.pred_classes.tolist() == mins.pred_classes.tolist()
+            assert len(ins) == len(mins)
+            if len(ins):
+                assert float((ins.scores - mins.scores).abs().max()) <= OUTPUT_TOL
+            assert torch.equal(ins.pred_masks, mins.pred_masks)
+            assert torch.equal(ins.pred_boxes.tensor, mins.pred_boxes.tensor)
+        if "ins_scores" in keys:
+            assert ins.pred_classes.tolist() == g("ins_classes").tolist()
+            np.testing.assert_allclose(ins.scores.numpy(), g("ins_scores"), atol=PROB_TOL, rtol=0)
+            masks = ins.pred_masks.numpy().astype(np.uint8)
+            assert masks.shape == g("ins_masks").shape and (masks == g("ins_masks")).mean() >= PIXEL_AGREEMENT
+            checked.add("instance")
+    assert checked
+
+
+def test_checkpoints_of_our_engine_load_in_detectron2(d2, parity_dir, tmp_path):
+    """A .pth as this package's trainer writes it (model, optimizer, scheduler, iteration, RNG
+    states) loads with Detectron2's DetectionCheckpointer, and one saved by Detectron2 loads with
+    ``load_checkpoint`` (the --engine detectron2 test trains and evaluates across engines too)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from mask2former.checkpoint import save_checkpoint
+    from mask2former.engine.trainer import get_rng_states
+
+    _, model, ours = _build_both(parity_dir, "semantic")
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.01)
+    ours_file = tmp_path / "model_ours.pth"
+    save_checkpoint({"model": ours.state_dict(), "iteration": 3, "rng_states": [get_rng_states()],
+                     "world_size": 1}, ours_file)
+    DetectionCheckpointer(model).load(str(ours_file))
+    for k, v in ours.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_d2")
+    fresh = m2f.build_model(_d2_cfg(parity_dir / "tiny_semantic.yaml").clone(), load_weights=False)
+    res = m2f.load_checkpoint(fresh, str(tmp_path / "model_d2.pth"))
+    assert not res.missing_keys and not res.unexpected_keys
+    for k, v in ours.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_detectron2_visualizer_draws_outputs(d2, parity_dir):
+    from detectron2.data import MetadataCatalog
+    from detectron2.utils.visualizer import ColorMode, Visualizer
+
+    cfg, model, _ = _build_both(parity_dir, "panoptic")
+    io = np.load(parity_dir / "tiny_panoptic_io.npz")
+    case = sorted(k for k in io.files if k.endswith("_native__image"))[0].split("__")[0]
+    image = io[f"{case}__image"]
+    out = _run(model, image, image.shape[:2])
+    meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+    seg, info = out["panoptic_seg"]
+    drawn = Visualizer(image, meta).draw_panoptic_seg_predictions(seg, info).get_image()
+    assert drawn.shape == image.shape
+    ins = out["instances"]
+    ins = ins[ins.scores > 0.0]
+    for mode in (ColorMode.IMAGE, ColorMode.IMAGE_BW):
+        drawn = Visualizer(image, meta, instance_mode=mode).draw_instance_predictions(ins[:5]).get_image()
+        assert drawn.shape == image.shape
+    drawn = Visualizer(image, meta).draw_sem_seg(out["sem_seg"].argmax(0)).get_image()
+    assert drawn.shape == image.shape
+
+
+# ----------------------------------------------------------------------------- data and training
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small copy of the synthetic dataset (32 train, 8 val images) under $DETECTRON2_DATASETS."""
+    from mask2former.data.datasets.synthetic import ensure_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("d2_datasets")
+    ensure_synthetic_dataset(str(root), splits={"train": 32, "val": 8})
+    return root
+
+
+def test_mappers_feed_detectron2_loaders(d2, synthetic_root):
+    from detectron2.data import build_detection_test_loader, build_detection_train_loader
+    from detectron2.modeling import build_model
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    from mask2former.data.datasets import register_coco_panoptic
+    from mask2former.data.datasets.synthetic import metadata, split_paths
+    from mask2former.detectron2 import build_mapper
+    from mask2former.detectron2.registration import register_datasets
+    from mask2former.data import DatasetCatalog
+
+    names = {s: f"m2f_d2test_synthetic_{s}" for s in ("train", "val")}
+    for split, name in names.items():
+        if name not in DatasetCatalog:
+            p = split_paths(str(synthetic_root / "synthetic"), split)
+            register_coco_panoptic(name, metadata(), p["image_root"], p["panoptic_root"], p["panoptic_json"],
+                                   sem_seg_root=p["sem_seg_root"], instances_json=p["instances_json"])
+    register_datasets()
+    cfg = _d2_cfg(REPO / "configs/synthetic/panoptic.yaml")
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (names["train"],), (names["val"],)
+    cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 2, 0
+
+    batch = next(iter(build_detection_train_loader(cfg, mapper=build_mapper(cfg, True))))
+    assert len(batch) == 2
+    for sample in batch:
+        inst = sample["instances"]
+        assert isinstance(inst, Instances) and isinstance(inst.gt_masks, BitMasks)
+        assert isinstance(inst.gt_boxes, Boxes) and inst.gt_classes.dtype == torch.int64
+        assert tuple(inst.gt_masks.tensor.shape[-2:]) == tuple(sample["image"].shape[-2:])
+    model = build_model(cfg).train()
+    losses = model(batch)
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+
+    test_batch = next(iter(build_detection_test_loader(cfg, names["val"], mapper=build_mapper(cfg, False))))
+    assert test_batch[0]["image"].shape[0] == 3 and "instances" not in test_batch[0]
+    with torch.no_grad():
+        out = model.eval()(test_batch)[0]
+    assert isinstance(out["instances"], Instances) and "panoptic_seg" in out and "sem_seg" in out
+
+
+def _train_net(args, env, log):
+    proc = subprocess.run([sys.executable, str(REPO / "train_net.py")] + args, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    log.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+
+
+@pytest.mark.slow
+def test_train_net_engine_detectron2_matches_our_evaluators(d2, synthetic_root, tmp_path):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(synthetic_root), PYTHONWARNINGS="ignore")
+    env.pop("M2F_DETECTRON2", None)
+    # same settings for both runs: a short but useful training (no warmup, a higher LR) and an
+    # object-mask threshold of 0 so that panoptic and instance outputs are not empty
+    common = ["DATALOADER.NUM_WORKERS", "0", "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0"]
+    d2_out, ours_out = tmp_path / "d2", tmp_path / "ours"
+    _train_net(["--engine", "detectron2", "--config-file", "configs/synthetic/panoptic.yaml",
+                "SOLVER.MAX_ITER", "20", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.003",
+                "SOLVER.WARMUP_ITERS", "0", "OUTPUT_DIR", str(d2_out)] + common, env, tmp_path / "d2.log")
+    assert (d2_out / "model_final.pth").is_file()
+    log = (d2_out / "log.txt").read_text()
+    for logger_name in ("d2.engine.train_loop", "d2.evaluation.panoptic_evaluation",
+                        "d2.evaluation.coco_evaluation", "d2.evaluation.sem_seg_evaluation"):
+        assert logger_name in log, f"{logger_name} did not log: not Detectron2's trainer/evaluators?"
+    _train_net(["--eval-only", "--config-file", "configs/synthetic/panoptic.yaml",
+                "MODEL.WEIGHTS", str(d2_out / "model_final.pth"), "OUTPUT_DIR", str(ours_out)] + common,
+               env, tmp_path / "ours.log")
+
+    theirs = json.loads((d2_out / "eval_results.json").read_text())
+    mine = json.loads((ours_out / "eval_results.json").read_text())
+    headline = {"panoptic_seg": ["PQ", "SQ", "RQ", "PQ_th", "PQ_st"], "segm": ["AP", "AP50", "AP75"],
+                "sem_seg": ["mIoU", "fwIoU", "mACC", "pACC"]}
+    compared = 0
+    for task, metrics in headline.items():
+        for k in metrics:
+            assert k in theirs[task] and k in mine[task], (task, k)
+    for task in headline:
+        for k in set(theirs[task]) & set(mine[task]):
+            a, b = float(theirs[task][k]), float(mine[task][k])
+            assert (np.isnan(a) and np.isnan(b)) or abs(a - b) <= METRIC_TOL, (task, k, a, b)
+            compared += 1
+    assert compared >= 20
+    # the training did something: stuff classes are segmented
+    assert theirs["sem_seg"]["mIoU"] > 5 and theirs["panoptic_seg"]["PQ"] > 1
