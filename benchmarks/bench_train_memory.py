@@ -1,35 +1,39 @@
 """Peak memory of one CPU training step: point-sampled mask losses vs dense full-resolution ones.
 
-    python benchmarks/bench_train_memory.py                    # R50 COCO panoptic, 1024x1024, 10 targets
-    python benchmarks/bench_train_memory.py --num-targets 20 --json out.json
-    python benchmarks/bench_train_memory.py --size 256 --num-targets 4   # quick smoke run
+    python benchmarks/bench_train_memory.py                  # the official recipe: R50 COCO panoptic,
+                                                             # 2 images of 1024x1024, AMP, 10 segments
+    python benchmarks/bench_train_memory.py --batch 1 --amp off          # one image, fp32
+    python benchmarks/bench_train_memory.py --num-targets 30 --json out.json
+    python benchmarks/bench_train_memory.py --size 256 --batch 1 --num-targets 4   # quick smoke run
 
-One training step = forward in training mode, sum of the weighted losses, backward, AdamW
-step, for one image (the official recipe has 2 images per GPU) with ``--num-targets`` synthetic
-ground-truth segments (random rectangles, random classes). The two variants differ only in
-``SetCriterion.dense``:
+One training step is the trainer's step (mask2former/engine/trainer.py ``run_step``): forward in
+training mode under autocast when SOLVER.AMP.ENABLED (bf16 on CPU; the official recipe trains
+with AMP), sum of the weighted losses, backward, SOLVER.CLIP_GRADIENTS, and the optimizer of
+SOLVER.OPTIMIZER with its parameter groups (AdamW), on ``--batch`` images (default 2: the
+official IMS_PER_BATCH 16 over 8 GPUs) of ``--size`` squared, each with ``--num-targets``
+synthetic ground-truth segments (random rectangles, random classes). The variants differ only
+in how the mask terms are computed:
     point: loss_mask / loss_dice on TRAIN_NUM_POINTS (12544) importance-sampled points per
-           matched mask (the Mask2Former loss);
+           matched mask, matching on 12544 uniform points (the Mask2Former recipe);
     dense: the matched predicted masks upsampled bilinearly to the padded image size and the
-           same losses averaged over every pixel (MaskFormer-style).
-Matching is point-based in both. Two more variants:
-    dense_all: dense losses and, in addition, matching costs on every pixel of the padded image
-           (all Q predictions bilinearly upsampled, as MaskFormer's full-mask matching; the
-           "mask" baseline of the Mask2Former paper's ablation also matches on full masks);
+           same losses averaged over every pixel (MaskFormer-style); point-based matching;
+    dense_all: dense losses and matching costs on every pixel of the padded image as well (all
+           Q predictions bilinearly upsampled): the "mask" baseline of the paper's ablation,
+           which matches and computes the loss on full masks (18 GB there vs 6 GB with points);
     nomask: the mask losses dropped (matching and loss_ce only): the memory of the model itself,
            so that (variant - nomask) is the memory the mask losses add.
 
 Measuring method: torch's CPU allocations go through malloc, so tracemalloc does not see them.
-Each variant runs in a fresh subprocess, which builds the model, allocates the AdamW state
+Each variant runs in a fresh subprocess, which builds the model, allocates the optimizer state
 (a zero-gradient step at lr 0), resets the kernel's peak-RSS mark (``echo 5 >
 /proc/self/clear_refs``, Linux >= 4.0; else falls back to ru_maxrss) and reports
     step peak = VmHWM after the step - VmRSS just before it
 (the memory the step itself adds on top of the built model, its weights, the optimizer state
-and the input), and the process's peak RSS during the step (VmHWM). The children run with MALLOC_MMAP_THRESHOLD_=65536 and
-MALLOC_TRIM_THRESHOLD_=0 so that glibc returns freed tensor memory to the OS at once and RSS
-follows the live allocations (otherwise the heap's dynamic mmap threshold and caching make the
-peak depend on the allocation history). Weights and inputs are seeded; the step is the first
-training step of the process.
+and the input), and the process's peak RSS during the step (VmHWM). The children run with
+MALLOC_MMAP_THRESHOLD_=65536 and MALLOC_TRIM_THRESHOLD_=0 so that glibc returns freed tensor
+memory to the OS at once and RSS follows the live allocations (otherwise the heap's dynamic mmap
+threshold and caching make the peak depend on the allocation history). Weights and inputs are
+seeded; the step is the first training step of the process.
 """
 import argparse
 import json
@@ -48,7 +52,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, help="model config (default: R50 COCO panoptic)")
     p.add_argument("--size", type=int, default=1024, help="square image side (default 1024, the LSJ crop)")
-    p.add_argument("--num-targets", type=int, default=10, help="ground-truth segments in the image (default 10)")
+    p.add_argument("--num-targets", type=int, default=10,
+                   help="ground-truth segments per image (default 10, about COCO panoptic's mean)")
+    p.add_argument("--batch", type=int, default=2,
+                   help="images in the step (default 2: IMS_PER_BATCH 16 over 8 GPUs, the official recipe)")
+    p.add_argument("--amp", choices=("config", "on", "off"), default="config",
+                   help="autocast (bf16 on CPU): as SOLVER.AMP.ENABLED (default; True in the official "
+                        "configs), or forced on / off")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each child (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default="point,dense,dense_all,nomask",
@@ -60,6 +70,8 @@ def parse_args(argv=None):
     if not args.variants or set(args.variants) - set(VARIANTS):
         p.error(f"--variants must be a comma list of {','.join(VARIANTS)}")
     args.variants = list(dict.fromkeys(args.variants))
+    if args.batch < 1 or args.num_targets < 1 or args.size < 32:
+        p.error("--batch and --num-targets must be >= 1 and --size >= 32")
     return args
 
 
@@ -104,12 +116,14 @@ def run_child(args) -> dict:
     import torch
 
     import mask2former as m2f
+    from mask2former.solver import build_gradient_clipper, build_optimizer
     from mask2former.structures import Instances
 
     torch.set_num_threads(args.threads)
     cfg = m2f.get_cfg()
     cfg.merge_from_file(args.config)
     cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    amp = cfg.SOLVER.AMP.ENABLED if args.amp == "config" else args.amp == "on"
     torch.manual_seed(args.seed)
     model = m2f.build_model(cfg, load_weights=False).train()
     model.criterion.dense = args.child in ("dense", "dense_all")
@@ -128,39 +142,46 @@ def run_child(args) -> dict:
 
     g = torch.Generator().manual_seed(args.seed)
     s = args.size
-    image = torch.randint(0, 256, (3, s, s), dtype=torch.uint8, generator=g)
-    masks = torch.zeros(args.num_targets, s, s, dtype=torch.bool)
-    for m in masks:
-        y0, x0 = (int(v) for v in torch.randint(0, s * 3 // 4, (2,), generator=g))
-        h, w = (int(v) for v in torch.randint(s // 16, s // 2, (2,), generator=g))
-        m[y0:y0 + h, x0:x0 + w] = True
-    classes = torch.randint(0, num_classes, (args.num_targets,), generator=g)
-    batch = [{"image": image, "instances": Instances((s, s), gt_classes=classes, gt_masks=masks)}]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    # allocate the AdamW state first (a step with zero gradients and lr 0 changes no weight), so
+    batch = []
+    for _ in range(args.batch):
+        image = torch.randint(0, 256, (3, s, s), dtype=torch.uint8, generator=g)
+        masks = torch.zeros(args.num_targets, s, s, dtype=torch.bool)
+        for m in masks:
+            y0, x0 = (int(v) for v in torch.randint(0, s * 3 // 4, (2,), generator=g))
+            h, w = (int(v) for v in torch.randint(s // 16, s // 2, (2,), generator=g))
+            m[y0:y0 + h, x0:x0 + w] = True
+        classes = torch.randint(0, num_classes, (args.num_targets,), generator=g)
+        batch.append({"image": image, "instances": Instances((s, s), gt_classes=classes, gt_masks=masks)})
+    optimizer = build_optimizer(cfg, model)
+    clipper = build_gradient_clipper(cfg)
+    # allocate the optimizer state first (a step with zero gradients and lr 0 changes no weight), so
     # that the measured step is a steady-state one: the state exists before it, as in training
+    lrs = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] = 0.0
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    for group in optimizer.param_groups:
-        group["lr"] = 1e-4
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
 
     build_peak = max_rss_mib()
     was_reset = reset_peak_rss()
     rss_before = current_rss_mib()
     t0 = time.perf_counter()
-    losses = model(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        losses = model(batch)
     total = sum(losses.values())
-    optimizer.zero_grad()
+    optimizer.zero_grad(set_to_none=True)
     total.backward()
+    if clipper is not None:
+        clipper(optimizer)
     optimizer.step()
     seconds = time.perf_counter() - t0
     peak = peak_rss_mib() if was_reset else max_rss_mib()
     return {
-        "variant": args.child, "step_peak_mib": peak - rss_before, "peak_rss_mib": peak,
+        "variant": args.child, "amp": bool(amp), "step_peak_mib": peak - rss_before, "peak_rss_mib": peak,
         "rss_before_step_mib": rss_before, "build_peak_rss_mib": build_peak, "step_s": seconds,
         "total_loss": float(total), "num_losses": len(losses), "peak_source": "VmHWM" if was_reset else "ru_maxrss",
         "note": "" if was_reset or peak > build_peak else
@@ -174,14 +195,14 @@ def main(argv=None):
         print("RESULT " + json.dumps(run_child(args)))
         return None
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    print(f"config {os.path.relpath(args.config, REPO_ROOT)} | image {args.size}x{args.size} | "
-          f"{args.num_targets} targets | threads {args.threads} | one image, fwd + bwd + AdamW step")
-    results = {"config": os.path.relpath(args.config, REPO_ROOT), "size": args.size,
-               "num_targets": args.num_targets, "threads": args.threads, "variants": {}}
+    print(f"config {os.path.relpath(args.config, REPO_ROOT)} | {args.batch} image(s) {args.size}x{args.size} | "
+          f"{args.num_targets} targets each | amp {args.amp} | threads {args.threads} | one training step")
+    results = {"config": os.path.relpath(args.config, REPO_ROOT), "size": args.size, "batch": args.batch,
+               "amp": args.amp, "num_targets": args.num_targets, "threads": args.threads, "variants": {}}
     for v in args.variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", v, "--config", args.config, "--size",
                str(args.size), "--num-targets", str(args.num_targets), "--threads", str(args.threads),
-               "--seed", str(args.seed)]
+               "--seed", str(args.seed), "--batch", str(args.batch), "--amp", args.amp]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
