@@ -12,6 +12,8 @@ class PositionEmbeddingSine(nn.Module):
     forward(x (N, C, H, W), mask (N, H, W) bool, True = padding) -> (N, 2*num_pos_feats, H, W).
     The first num_pos_feats channels encode y, the rest x; within each half, channels alternate
     sin/cos of the position divided by temperature ** (2 * (i // 2) / num_pos_feats).
+    Without a mask the result is cached per size and returned expanded over N: treat it as
+    read-only.
     """
 
     def __init__(self, num_pos_feats: int = 64, temperature: float = 10000, normalize: bool = False,
@@ -24,10 +26,27 @@ class PositionEmbeddingSine(nn.Module):
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
 
+    _CACHE_SIZE = 8
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         n, _, h, w = x.shape
-        if mask is None:
+        if mask is None and torch.compiler.is_compiling():
             mask = torch.zeros((n, h, w), device=x.device, dtype=torch.bool)
+        if mask is not None:
+            return self._encode(mask)
+        # without a mask the encoding depends on (H, W) only: computed once per size (it is
+        # recomputed for every level of every forward otherwise); inference tensors are kept apart
+        key = (h, w, x.device, torch.is_inference_mode_enabled())
+        cache = self.__dict__.setdefault("_cache", {})
+        pos = cache.pop(key, None)
+        if pos is None:
+            pos = self._encode(torch.zeros((1, h, w), device=x.device, dtype=torch.bool))
+        cache[key] = pos  # most recently used last
+        while len(cache) > self._CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        return pos.expand(n, -1, -1, -1)
+
+    def _encode(self, mask: torch.Tensor) -> torch.Tensor:
         valid = ~mask
         y_pos = valid.cumsum(1, dtype=torch.float32)
         x_pos = valid.cumsum(2, dtype=torch.float32)
@@ -35,7 +54,7 @@ class PositionEmbeddingSine(nn.Module):
             eps = 1e-6
             y_pos = y_pos / (y_pos[:, -1:, :] + eps) * self.scale
             x_pos = x_pos / (x_pos[:, :, -1:] + eps) * self.scale
-        i = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
+        i = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
         freq = self.temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / self.num_pos_feats)
 
         def encode(p):
