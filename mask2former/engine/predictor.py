@@ -1,26 +1,30 @@
-"""Single-image inference with the official test-time preprocessing.
+"""Inference on images with the official test-time preprocessing.
 
     cfg = mask2former.get_cfg(); cfg.merge_from_file(path); cfg.merge_from_list(opts)
     predictor = Predictor(cfg)
     outputs = predictor(image_hwc_uint8_bgr)            # or predictor(image_rgb, input_format="RGB")
+    outputs = predictor.predict_batch([image1, image2])  # one model call, same results
 
 The image is resized so that its short side is ``INPUT.MIN_SIZE_TEST`` and its long side at most
 ``INPUT.MAX_SIZE_TEST`` (bilinear, like Detectron2's test-time ``ResizeShortestEdge``), converted to
-``INPUT.FORMAT`` channel order, and the model is asked for outputs at the original size.
+``INPUT.FORMAT`` channel order, and the model is asked for outputs at the original size. With
+``TEST.AUG.ENABLED`` the test-time augmentation wrapper does the resizing instead.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Tuple
+import sys
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..checkpoint import load_checkpoint
 from ..data.catalog import Metadata, MetadataCatalog
+from ..data.transforms import ResizeShortestEdge, ResizeTransform
 from ..modeling import build_model
+from ..modeling.test_time_augmentation import build_tta_model
 
 __all__ = ["Predictor", "resize_shortest_edge", "resize_image"]
 
@@ -31,7 +35,7 @@ _FORMATS = ("RGB", "BGR")
 
 def resize_shortest_edge(h: int, w: int, short: int, max_size: int) -> Tuple[int, int]:
     """Output size ``(newh, neww)`` for resizing an ``h x w`` image so that its short side is
-    ``short`` and its long side is at most ``max_size``.
+    ``short`` and its long side is at most ``max_size`` (``ResizeShortestEdge``'s rule).
 
     The scaled sizes are rounded half up (``int(x + 0.5)``). ``short <= 0`` means no resizing and
     ``max_size <= 0`` means no limit on the long side.
@@ -40,20 +44,13 @@ def resize_shortest_edge(h: int, w: int, short: int, max_size: int) -> Tuple[int
         raise ValueError(f"image size must be positive; got {h}x{w}")
     if short <= 0:
         return int(h), int(w)
-    scale = float(short) / min(h, w)
-    newh, neww = h * scale, w * scale
-    if max_size > 0 and max(newh, neww) > max_size:
-        shrink = float(max_size) / max(newh, neww)
-        newh, neww = newh * shrink, neww * shrink
-    return int(newh + 0.5), int(neww + 0.5)
+    return ResizeShortestEdge.get_output_shape(int(h), int(w), int(short), max_size if max_size > 0 else sys.maxsize)
 
 
 def resize_image(image: np.ndarray, newh: int, neww: int) -> np.ndarray:
     """Bilinear resize of an ``(H, W, C)`` uint8 image (PIL, as Detectron2 does for uint8)."""
-    if image.shape[:2] == (newh, neww):
-        return image
-    resized = Image.fromarray(image).resize((neww, newh), Image.BILINEAR)
-    return np.asarray(resized)
+    h, w = image.shape[:2]
+    return ResizeTransform(h, w, newh, neww, "bilinear").apply_image(image)
 
 
 def _check_format(fmt: str, what: str) -> str:
@@ -65,10 +62,17 @@ def _check_format(fmt: str, what: str) -> str:
 
 class Predictor:
     """Builds the model of ``cfg``, loads ``cfg.MODEL.WEIGHTS`` (random weights when empty) and runs
-    it on one ``(H, W, 3)`` uint8 image at a time.
+    it on ``(H, W, 3)`` uint8 images, one at a time (``__call__``) or in batches
+    (:meth:`predict_batch`).
 
-    Attributes: ``cfg`` (a frozen copy), ``model`` (eval mode), ``metadata`` (of
-    ``cfg.DATASETS.TEST[0]``), ``input_format`` (``cfg.INPUT.FORMAT``).
+    With ``TEST.AUG.ENABLED`` the model runs under test-time augmentation
+    (:class:`~mask2former.modeling.test_time_augmentation.MaskFormerWithTTA`: scales
+    ``TEST.AUG.MIN_SIZES`` capped at ``TEST.AUG.MAX_SIZE``, plus flips with ``TEST.AUG.FLIP``)
+    instead of the single ``INPUT.MIN_SIZE_TEST`` resize.
+
+    Attributes: ``cfg`` (a frozen copy), ``model`` (eval mode), ``tta`` (the TTA wrapper or None),
+    ``metadata`` (of ``cfg.DATASETS.TEST[0]``, else ``DATASETS.TRAIN[0]``), ``input_format``
+    (``cfg.INPUT.FORMAT``).
     """
 
     def __init__(self, cfg):
@@ -77,8 +81,8 @@ class Predictor:
         self.input_format = _check_format(self.cfg.INPUT.FORMAT, "INPUT.FORMAT")
         self.min_size = int(self.cfg.INPUT.MIN_SIZE_TEST)
         self.max_size = int(self.cfg.INPUT.MAX_SIZE_TEST)
-        test_sets = list(self.cfg.DATASETS.TEST)
-        self.metadata = MetadataCatalog.get(test_sets[0]) if test_sets else Metadata(name="__unused")
+        names = list(self.cfg.DATASETS.TEST[:1]) or list(self.cfg.DATASETS.TRAIN[:1])
+        self.metadata = MetadataCatalog.get(names[0]) if names else Metadata(name="__unused")
 
         weights = self.cfg.MODEL.WEIGHTS
         if weights and not os.path.isfile(weights):
@@ -95,13 +99,15 @@ class Predictor:
             load_checkpoint(self.model, weights)
         else:
             logger.warning("MODEL.WEIGHTS is empty: the model has random weights")
+        self.tta = build_tta_model(self.cfg, self.model)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def preprocess(self, image: np.ndarray, input_format: str = "BGR") -> Dict:
-        """The model input for one image: resized, in ``INPUT.FORMAT`` order, CHW float tensor,
+    def preprocess(self, image: np.ndarray, input_format: str = "BGR", resize: bool = True) -> Dict:
+        """The model input for one image: in ``INPUT.FORMAT`` order, a (3, h, w) float tensor
+        resized to the test size (kept at (H, W) with ``resize=False``, as TTA resizes itself),
         with ``height``/``width`` set to the original size."""
         input_format = _check_format(input_format, "input_format")
         image = np.asarray(image)
@@ -112,8 +118,9 @@ class Predictor:
         h, w = image.shape[:2]
         if input_format != self.input_format:
             image = image[:, :, ::-1]
-        newh, neww = resize_shortest_edge(h, w, self.min_size, self.max_size)
-        image = resize_image(np.ascontiguousarray(image), newh, neww)
+        if resize:
+            newh, neww = resize_shortest_edge(h, w, self.min_size, self.max_size)
+            image = resize_image(np.ascontiguousarray(image), newh, neww)
         tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
         return {"image": tensor, "height": h, "width": w}
 
@@ -121,6 +128,13 @@ class Predictor:
         """Run the model on one ``(H, W, 3)`` uint8 image given in ``input_format`` ("BGR", as read by
         OpenCV, or "RGB"). Returns the model's output dict (``sem_seg`` / ``panoptic_seg`` /
         ``instances``, as enabled in the config) at the image's original size."""
-        inputs = self.preprocess(image, input_format)
+        return self.predict_batch([image], input_format)[0]
+
+    def predict_batch(self, images: Sequence[np.ndarray], input_format: str = "BGR") -> List[Dict]:
+        """:meth:`__call__` for several images in one model call (images whose resized sizes pad to
+        the same size share a forward pass; the results equal per-image calls)."""
+        if len(images) == 0:
+            return []
+        inputs = [self.preprocess(im, input_format, resize=self.tta is None) for im in images]
         with torch.inference_mode():
-            return self.model([inputs])[0]
+            return (self.tta or self.model)(inputs)

@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-__all__ = ["Visualizer", "default_color"]
+__all__ = ["TASK_OUTPUTS", "Visualizer", "default_color", "pick_output"]
 
 Color = Tuple[int, int, int]
 
@@ -41,6 +41,23 @@ def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+TASK_OUTPUTS = {"panoptic": "panoptic_seg", "instance": "instances", "semantic": "sem_seg"}
+
+
+def pick_output(predictions: dict, task: Optional[str] = None) -> Optional[str]:
+    """The key of the output to show: that of ``task`` (KeyError naming the available outputs
+    when the predictions lack it), else the first present of panoptic_seg, instances, sem_seg
+    (None when there is none)."""
+    if task is not None:
+        if task not in TASK_OUTPUTS:
+            raise ValueError(f"task must be one of {sorted(TASK_OUTPUTS)}; got {task!r}")
+        key = TASK_OUTPUTS[task]
+        if key not in predictions:
+            raise KeyError(f"the predictions have no {key!r} for task {task!r}; they have {sorted(predictions)}")
+        return key
+    return next((k for k in TASK_OUTPUTS.values() if k in predictions), None)
 
 
 class Visualizer:
@@ -94,14 +111,16 @@ class Visualizer:
         return default_color(class_id)
 
     # ------------------------------------------------------------------ public drawing API
-    def draw_predictions(self, image: np.ndarray, predictions: dict) -> np.ndarray:
-        """Draw the most informative output present: panoptic, else instances, else semantic."""
-        if "panoptic_seg" in predictions:
+    def draw_predictions(self, image: np.ndarray, predictions: dict, task: Optional[str] = None) -> np.ndarray:
+        """Draw the output of ``task`` ("panoptic", "instance" or "semantic"), or by default the
+        most informative output present: panoptic, else instances, else semantic."""
+        key = pick_output(predictions, task)
+        if key == "panoptic_seg":
             seg, segments_info = predictions["panoptic_seg"]
             return self.draw_panoptic_seg(image, seg, segments_info)
-        if "instances" in predictions:
+        if key == "instances":
             return self.draw_instances(image, predictions["instances"])
-        if "sem_seg" in predictions:
+        if key == "sem_seg":
             return self.draw_sem_seg(image, predictions["sem_seg"])
         return self._check_image(image).copy()
 
