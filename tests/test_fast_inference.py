@@ -126,3 +126,29 @@ def test_fast_path_with_compiled_op_matches_plain_reference_path(parity_dir, nam
     plain = run(model, inputs, False)
     for a, b in zip(fast, plain):
         assert_same(a, b, exact=False)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_channels_last_upsample_is_bitwise_interpolate(batch):
+    """fpn.upsample_bilinear (encoder tokens viewed as a map) equals F.interpolate exactly, and
+    the FPN sum it feeds keeps the lateral's NCHW layout."""
+    from mask2former.modeling.pixel_decoder.fpn import upsample_bilinear
+
+    torch.manual_seed(0)
+    shapes = [(20, 30), (10, 15), (5, 8)]
+    tokens = torch.randn(batch, sum(h * w for h, w in shapes), 32) * 10
+    levels = tokens.split([h * w for h, w in shapes], dim=1)
+    for z, (h, w) in zip(levels, shapes):
+        top = z.transpose(1, 2).reshape(batch, -1, h, w)  # a channels-last view, as in the decoder
+        assert top.is_contiguous(memory_format=torch.channels_last) and not top.is_contiguous()
+        for size in [(2 * h, 2 * w), (2 * h + 3, 2 * w - 1)]:
+            with torch.no_grad():
+                fast = upsample_bilinear(top, size)
+            plain = torch.nn.functional.interpolate(top, size=size, mode="bilinear", align_corners=False)
+            assert torch.equal(fast, plain)
+            lat = torch.randn_like(plain)
+            assert torch.equal(lat.clone().add_(fast), lat + plain) and lat.clone().add_(fast).is_contiguous()
+    leaf = torch.randn(1, 4, 3, 5, requires_grad=True).contiguous(memory_format=torch.channels_last)
+    out = upsample_bilinear(leaf, (6, 10))
+    out.sum().backward()  # with autograd it goes through F.interpolate
+    assert leaf.grad is not None

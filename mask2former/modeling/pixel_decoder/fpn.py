@@ -5,8 +5,9 @@
     transformer_encoder_features (N, conv_dim, H/32, W/32) or None,
     multi_scale_features: list of 3 maps, coarsest first (N, conv_dim, H/s, W/s).
 """
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
@@ -40,14 +41,32 @@ def add_fpn_level(module: nn.Module, idx: int, in_channels: int, conv_dim: int, 
     return lateral, output
 
 
+def upsample_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """F.interpolate(x, size, mode="bilinear", align_corners=False), with the same values.
+
+    For a channels-last ``x`` (the deformable encoder's tokens viewed as a map) torch computes
+    the result channels-last and then spends ~25x the interpolation's time copying it into an
+    NCHW tensor; without autograd the result is written channels-last directly instead.
+    """
+    size = tuple(int(v) for v in size)
+    if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        out = torch.empty((*x.shape[:2], *size), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last)
+        return torch.ops.aten.upsample_bilinear2d.out(x, size, False, None, None, out=out)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 def fpn_merge(lateral: Conv2d, output: Conv2d, x, top, mode: str):
     """Top-down step: lateral(x) + upsample(top) -> output conv."""
     lat = lateral(x)
     if mode == "nearest":
         up = F.interpolate(top, size=lat.shape[-2:], mode="nearest")
     else:
-        up = F.interpolate(top, size=lat.shape[-2:], mode="bilinear", align_corners=False)
-    return output(lat + up)
+        up = upsample_bilinear(top, lat.shape[-2:])
+    # in place where autograd allows: the sum keeps lat's (NCHW) layout whatever up's, so the
+    # output conv sees the layout it always sees
+    return output(lat + up if lat.requires_grad else lat.add_(up))
 
 
 def sorted_by_stride(input_shape: Dict[str, ShapeSpec]):
