@@ -49,8 +49,8 @@ def upsample_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     NCHW tensor; without autograd the result is written channels-last directly instead.
     """
     size = tuple(int(v) for v in size)
-    if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            and not (torch.is_grad_enabled() and x.requires_grad)):
+    channels_innermost = x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
+    if channels_innermost and not x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):
         out = torch.empty((*x.shape[:2], *size), dtype=x.dtype, device=x.device,
                           memory_format=torch.channels_last)
         return torch.ops.aten.upsample_bilinear2d.out(x, size, False, None, None, out=out)
