@@ -18,5 +18,5 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < last:
-                x = F.relu(x)
+                x = F.relu_(x)  # a fresh Linear output
         return x

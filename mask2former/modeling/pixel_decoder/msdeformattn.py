@@ -50,7 +50,7 @@ class MSDeformAttnEncoderLayer(nn.Module):
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attn))
-        return ffn_block(self.linear1, self.linear2, self.norm2, self.dropout2, self.dropout3, F.relu, src)
+        return ffn_block(self.linear1, self.linear2, self.norm2, self.dropout2, self.dropout3, F.relu_, src)
 
 
 class MSDeformAttnEncoder(nn.Module):
