@@ -32,7 +32,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.transforms import ResizeShortestEdge, ResizeTransform
-from . import postprocessing as post
 from .meta_arch.mask_former import pad_images
 
 __all__ = ["MaskFormerWithTTA", "augmented_sizes"]
@@ -134,11 +133,9 @@ class MaskFormerWithTTA(nn.Module):
         width = int(x.get("width", image.shape[-1]))
         views = self.views(image, height, width)
         # views of the same padded size (e.g. a scale and its flip) share one forward pass
-        d = max(int(self.model.size_divisibility), 1)
         groups: Dict[Tuple[int, int], List[int]] = {}
         for k, (view, _) in enumerate(views):
-            h, w = view.shape[-2:]
-            groups.setdefault((-(-h // d) * d, -(-w // d) * d), []).append(k)
+            groups.setdefault(self.model._padded_size(view), []).append(k)
 
         sums: Dict[str, torch.Tensor] = {}
         for members in groups.values():
@@ -161,35 +158,16 @@ class MaskFormerWithTTA(nn.Module):
         """One view's ``sem_seg`` (K, height, width) probabilities and/or its query ``mask_cls``
         (Q, K+1) and ``mask_pred`` (Q, height, width) logits, following the model's own order of
         resizing and semantic inference."""
-        m = self.model
-        out = {}
-        if m.sem_seg_postprocess_before_inference:
-            mask_pred = post.sem_seg_postprocess(mask_pred, image_size, height, width)
-            mask_cls = mask_cls.to(mask_pred)
-        if m.semantic_on:
-            sem = post.semantic_inference(mask_cls, mask_pred)
-            if not m.sem_seg_postprocess_before_inference:
-                sem = post.sem_seg_postprocess(sem, image_size, height, width)
-            out["sem_seg"] = sem
-        if m.panoptic_on or m.instance_on:
+        mask_cls, mask_pred, out = self.model.resize_and_semantic(mask_cls, mask_pred, image_size, height, width)
+        if self.model.panoptic_on or self.model.instance_on:
             out["mask_cls"] = mask_cls
             out["mask_pred"] = mask_pred
         return out
 
     def _combine(self, mean: Dict[str, torch.Tensor]) -> Dict:
-        m = self.model
-        res = {}
-        if "sem_seg" in mean:
-            res["sem_seg"] = mean["sem_seg"]
-        num_classes = m.sem_seg_head.num_classes
-        if m.panoptic_on:
-            res["panoptic_seg"] = post.panoptic_inference(
-                mean["mask_cls"], mean["mask_pred"], num_classes=num_classes, thing_ids=m.thing_ids,
-                object_mask_threshold=m.object_mask_threshold, overlap_threshold=m.overlap_threshold)
-        if m.instance_on:
-            res["instances"] = post.instance_inference(
-                mean["mask_cls"], mean["mask_pred"], num_classes=num_classes, topk=m.test_topk_per_image,
-                thing_ids=m.thing_ids if m.panoptic_on else None)
+        res = {"sem_seg": mean["sem_seg"]} if "sem_seg" in mean else {}
+        if "mask_cls" in mean:
+            res.update(self.model.segments_inference(mean["mask_cls"], mean["mask_pred"]))
         return res
 
 

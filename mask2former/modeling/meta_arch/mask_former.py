@@ -239,25 +239,39 @@ class MaskFormer(nn.Module):
                                                         image_sizes):
             height = int(inp.get("height", image_size[0]))
             width = int(inp.get("width", image_size[1]))
-            res = {}
-            if self.sem_seg_postprocess_before_inference:
-                mask_pred = post.sem_seg_postprocess(mask_pred, image_size, height, width)
-                mask_cls = mask_cls.to(mask_pred)
-            if self.semantic_on:
-                r = post.semantic_inference(mask_cls, mask_pred)
-                if not self.sem_seg_postprocess_before_inference:
-                    r = post.sem_seg_postprocess(r, image_size, height, width)
-                res["sem_seg"] = r
-            if self.panoptic_on:
-                res["panoptic_seg"] = post.panoptic_inference(
-                    mask_cls, mask_pred, num_classes=self.sem_seg_head.num_classes, thing_ids=self.thing_ids,
-                    object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold)
-            if self.instance_on:
-                res["instances"] = post.instance_inference(
-                    mask_cls, mask_pred, num_classes=self.sem_seg_head.num_classes, topk=self.test_topk_per_image,
-                    thing_ids=self.thing_ids if self.panoptic_on else None)
+            mask_cls, mask_pred, res = self.resize_and_semantic(mask_cls, mask_pred, image_size, height, width)
+            res.update(self.segments_inference(mask_cls, mask_pred))
             results.append(res)
         return results
+
+    def resize_and_semantic(self, mask_cls, mask_pred, image_size, height: int, width: int):
+        """One image's mask_cls (Q, K+1) and padded mask_pred (Q, H, W) logits -> (mask_cls,
+        mask_pred at (oh, ow) when SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE, {"sem_seg": (K, oh,
+        ow)} when SEMANTIC_ON else {})."""
+        res = {}
+        if self.sem_seg_postprocess_before_inference:
+            mask_pred = post.sem_seg_postprocess(mask_pred, image_size, height, width)
+            mask_cls = mask_cls.to(mask_pred)
+        if self.semantic_on:
+            r = post.semantic_inference(mask_cls, mask_pred)
+            if not self.sem_seg_postprocess_before_inference:
+                r = post.sem_seg_postprocess(r, image_size, height, width)
+            res["sem_seg"] = r
+        return mask_cls, mask_pred, res
+
+    def segments_inference(self, mask_cls, mask_pred) -> Dict:
+        """"panoptic_seg" and/or "instances" (as PANOPTIC_ON / INSTANCE_ON) of one image's
+        mask_cls (Q, K+1) and mask_pred (Q, oh, ow) logits."""
+        res = {}
+        if self.panoptic_on:
+            res["panoptic_seg"] = post.panoptic_inference(
+                mask_cls, mask_pred, num_classes=self.sem_seg_head.num_classes, thing_ids=self.thing_ids,
+                object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold)
+        if self.instance_on:
+            res["instances"] = post.instance_inference(
+                mask_cls, mask_pred, num_classes=self.sem_seg_head.num_classes, topk=self.test_topk_per_image,
+                thing_ids=self.thing_ids if self.panoptic_on else None)
+        return res
 
     def postprocess_selected(self, outputs, batched_inputs, image_sizes, padded_size):
         """Panoptic / instance results from the masks of the queries they use only: the others
