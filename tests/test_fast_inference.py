@@ -152,3 +152,22 @@ def test_channels_last_upsample_is_bitwise_interpolate(batch):
     out = upsample_bilinear(leaf, (6, 10))
     out.sum().backward()  # with autograd it goes through F.interpolate
     assert leaf.grad is not None
+
+
+def test_single_image_attention_mask_broadcast_equals_per_head_copies():
+    """With one image the decoder passes a (Q, h*w) mask that attention broadcasts over heads;
+    it gives exactly the result of the (heads, Q, h*w) copies used for batches."""
+    from mask2former.layers.transformer_layers import attention_block
+
+    torch.manual_seed(0)
+    heads, q, s, c = 8, 20, 300, 64
+    attn = torch.nn.MultiheadAttention(c, heads).eval()
+    norm = torch.nn.LayerNorm(c)
+    tgt, memory = torch.randn(q, 1, c), torch.randn(s, 1, c)
+    mask = torch.rand(q, s) < 0.7
+    mask[mask.all(-1)] = False
+    with torch.no_grad():
+        broadcast = attention_block(attn, norm, torch.nn.Identity(), tgt, memory, attn_mask=mask)
+        per_head = attention_block(attn, norm, torch.nn.Identity(), tgt, memory,
+                                   attn_mask=mask[None].repeat(heads, 1, 1))
+    assert torch.equal(broadcast, per_head)

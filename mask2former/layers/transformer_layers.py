@@ -38,7 +38,7 @@ def attention_block(attn: nn.MultiheadAttention, norm: nn.LayerNorm, dropout: nn
                     key_padding_mask: Optional[Tensor] = None, pre_norm: bool = False) -> Tensor:
     """Residual attention from ``tgt`` (Lq, N, C) to ``memory`` (Lk, N, C), or to itself when
     ``memory`` is None. Positions are added to queries/keys, never to values.
-    attn_mask: (N*heads, Lq, Lk) bool, True = not attended."""
+    attn_mask: (N*heads, Lq, Lk) or (Lq, Lk) bool, True = not attended."""
     x = norm(tgt) if pre_norm else tgt
     if memory is None:
         q = k = _with_pos(x, query_pos)

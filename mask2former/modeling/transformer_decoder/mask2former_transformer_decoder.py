@@ -103,8 +103,6 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         all_logits, all_masks = [logits], [masks]
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
-            # a query whose mask is empty at this scale attends everywhere instead of nowhere
-            attn_mask[attn_mask.all(-1)] = False
             output = self.transformer_cross_attention_layers[i](
                 output, src[level], memory_mask=attn_mask, pos=pos[level], query_pos=query_pos)
             output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
@@ -123,7 +121,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     def prediction_heads(self, output, mask_features, attn_mask_size, with_attn_mask: bool = True):
         """output (Q, N, C) -> logits (N, Q, K+1), masks (N, Q, H/4, W/4) and the next layer's
-        attention mask (N*heads, Q, h*w) bool, True = not attended."""
+        attention mask, bool, True = not attended: (N*heads, Q, h*w), or (Q, h*w) when N = 1."""
         decoded = self.decoder_norm(output).transpose(0, 1)
         logits = self.class_embed(decoded)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
@@ -131,5 +129,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             return logits, masks, None
         attn = F.interpolate(masks, size=attn_mask_size, mode="bilinear", align_corners=False)
         # sigmoid() < 0.5 rather than x < 0: the two differ where sigmoid rounds to exactly 0.5
-        attn = (attn.sigmoid().flatten(2) < 0.5).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
-        return logits, masks, attn.detach()
+        attn = attn.sigmoid().flatten(2) < 0.5
+        # a query whose mask is empty at this scale attends everywhere instead of nowhere
+        attn[attn.all(-1)] = False
+        if attn.shape[0] == 1:
+            # one image: a (Q, h*w) mask, which attention broadcasts over the heads (same values
+            # as the per-head copies, without building them)
+            return logits, masks, attn[0].detach()
+        return logits, masks, attn.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1).detach()
