@@ -66,6 +66,8 @@ __all__ = [
     "apply_augmentations",
     "apply_segmentation",
     "resize_nearest",
+    "resize_shortest_edge",
+    "resize_image",
 ]
 
 RNG = np.random.Generator
@@ -525,3 +527,21 @@ class ColorAugSSD(Augmentation):
         hue = maybe(lambda: int(rng.integers(-self.hue_delta, self.hue_delta + 1)))
         return ColorAugSSDTransform(self.img_format, brightness, contrast, saturation, hue,
                                     contrast_first)
+
+
+def resize_shortest_edge(h: int, w: int, short: int, max_size: int) -> Tuple[int, int]:
+    """Output size ``(newh, neww)`` for resizing an ``h x w`` image so that its short side is
+    ``short`` and its long side is at most ``max_size`` (``ResizeShortestEdge``'s rule, rounded
+    half up). ``short <= 0`` means no resizing and ``max_size <= 0`` no limit on the long side."""
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive; got {h}x{w}")
+    if short <= 0:
+        return int(h), int(w)
+    return ResizeShortestEdge.get_output_shape(int(h), int(w), int(short), max_size if max_size > 0 else sys.maxsize)
+
+
+def resize_image(image: np.ndarray, newh: int, neww: int) -> np.ndarray:
+    """Bilinear resize of an ``(H, W, C)`` uint8 image (PIL, as Detectron2 does for uint8): the
+    test-time resize."""
+    h, w = image.shape[:2]
+    return ResizeTransform(h, w, newh, neww, "bilinear").apply_image(image)

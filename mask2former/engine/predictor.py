@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
 from ..data.catalog import Metadata, MetadataCatalog
-from ..data.transforms import ResizeShortestEdge, ResizeTransform
+from ..data.transforms import resize_image, resize_shortest_edge
 from ..modeling import build_model
 from ..modeling.test_time_augmentation import build_tta_model
 
@@ -31,26 +30,6 @@ __all__ = ["Predictor", "resize_shortest_edge", "resize_image"]
 logger = logging.getLogger(__name__)
 
 _FORMATS = ("RGB", "BGR")
-
-
-def resize_shortest_edge(h: int, w: int, short: int, max_size: int) -> Tuple[int, int]:
-    """Output size ``(newh, neww)`` for resizing an ``h x w`` image so that its short side is
-    ``short`` and its long side is at most ``max_size`` (``ResizeShortestEdge``'s rule).
-
-    The scaled sizes are rounded half up (``int(x + 0.5)``). ``short <= 0`` means no resizing and
-    ``max_size <= 0`` means no limit on the long side.
-    """
-    if h <= 0 or w <= 0:
-        raise ValueError(f"image size must be positive; got {h}x{w}")
-    if short <= 0:
-        return int(h), int(w)
-    return ResizeShortestEdge.get_output_shape(int(h), int(w), int(short), max_size if max_size > 0 else sys.maxsize)
-
-
-def resize_image(image: np.ndarray, newh: int, neww: int) -> np.ndarray:
-    """Bilinear resize of an ``(H, W, C)`` uint8 image (PIL, as Detectron2 does for uint8)."""
-    h, w = image.shape[:2]
-    return ResizeTransform(h, w, newh, neww, "bilinear").apply_image(image)
 
 
 def _check_format(fmt: str, what: str) -> str:

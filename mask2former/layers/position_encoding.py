@@ -25,6 +25,7 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
+        self._cache: dict = {}  # (h, w, device, inference mode) -> (1, 2*num_pos_feats, h, w)
 
     _CACHE_SIZE = 8
 
@@ -37,7 +38,7 @@ class PositionEmbeddingSine(nn.Module):
         # without a mask the encoding depends on (H, W) only: computed once per size (it is
         # recomputed for every level of every forward otherwise); inference tensors are kept apart
         key = (h, w, x.device, torch.is_inference_mode_enabled())
-        cache = self.__dict__.setdefault("_cache", {})
+        cache = self._cache
         pos = cache.pop(key, None)
         if pos is None:
             pos = self._encode(torch.zeros((1, h, w), device=x.device, dtype=torch.bool))

@@ -23,7 +23,6 @@ inference: the mean of one tensor is the tensor itself.
 """
 from __future__ import annotations
 
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,26 +30,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..data.transforms import ResizeShortestEdge, ResizeTransform
+from ..data.transforms import resize_image, resize_shortest_edge
 from .meta_arch.mask_former import pad_images
 
 __all__ = ["MaskFormerWithTTA", "augmented_sizes"]
 
 
 def augmented_sizes(h: int, w: int, min_sizes: Sequence[int], max_size: int) -> List[Tuple[int, int]]:
-    """The (newh, neww) of each scale of an ``h x w`` image (``ResizeShortestEdge``; ``max_size``
-    <= 0: no cap)."""
-    cap = int(max_size) if max_size > 0 else sys.maxsize
-    return [ResizeShortestEdge.get_output_shape(h, w, int(s), cap) for s in min_sizes]
+    """The (newh, neww) of each scale of an ``h x w`` image (``max_size`` <= 0: no cap)."""
+    return [resize_shortest_edge(h, w, int(s), max_size) for s in min_sizes]
 
 
 def _resize_chw(image: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Bilinear resize of a (C, H, W) uint8 tensor with the plain test-time resize (PIL), so that
-    the original scale gives the very same pixels."""
+    """Bilinear resize of a (C, H, W) uint8 tensor with the plain test-time resize, so that the
+    original scale gives the very same pixels."""
     if tuple(image.shape[-2:]) == (h, w):
         return image
-    hwc = image.permute(1, 2, 0).numpy()
-    out = ResizeTransform(hwc.shape[0], hwc.shape[1], h, w, "bilinear").apply_image(hwc)
+    out = resize_image(image.permute(1, 2, 0).numpy(), h, w)
     return torch.as_tensor(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
 

@@ -230,7 +230,7 @@ class MaskFormer(nn.Module):
         return (-(-image.shape[-2] // d) * d, -(-image.shape[-1] // d) * d)
 
     def postprocess(self, outputs, batched_inputs, image_sizes, padded_size):
-        if self.fast_inference and not self.semantic_on:
+        if self.fast_inference and not self.semantic_on and (self.panoptic_on or self.instance_on):
             return self.postprocess_selected(outputs, batched_inputs, image_sizes, padded_size)
         mask_pred_results = F.interpolate(outputs["pred_masks"], size=padded_size, mode="bilinear",
                                           align_corners=False)
