@@ -171,3 +171,101 @@ def test_single_image_attention_mask_broadcast_equals_per_head_copies():
         per_head = attention_block(attn, norm, torch.nn.Identity(), tgt, memory,
                                    attn_mask=mask[None].repeat(heads, 1, 1))
     assert torch.equal(broadcast, per_head)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_and_plain_paths_are_bitwise_equal(parity_dir, name):
+    """With the same op, the whole fast path equals the plain path bit for bit, on its first
+    call (which verifies the decoder's pixel selection) and on later ones (which use it)."""
+    from mask2former.modeling.transformer_decoder import mask2former_transformer_decoder as dec
+
+    dec._SELECTION_EXACT.clear()
+    model = build_parity_model(parity_dir, name)
+    inputs = parity_inputs(parity_dir, name)
+    set_tasks(model, TASK_SETS[-1])
+    plain = run(model, inputs, False)
+    first = run(model, inputs, True)
+    second = run(model, inputs, True)
+    for p, a, b in zip(plain, first, second):
+        assert_same(a, p, exact=True)
+        assert_same(b, p, exact=True)
+    if isinstance(model.sem_seg_head.predictor, dec.MultiScaleMaskedTransformerDecoder):
+        # the selection was checked and used, at the two coarse levels of every input size
+        assert len(dec._SELECTION_EXACT) == 2 * len({tuple(i["image"].shape) for i in inputs})
+        assert all(dec._SELECTION_EXACT.values())
+
+
+def _decoder_and_inputs(parity_dir):
+    """The panoptic parity model's transformer decoder and the inputs it gets for one image."""
+    model = build_parity_model(parity_dir, "panoptic")
+    decoder = model.sem_seg_head.predictor
+    seen = {}
+    hook = decoder.register_forward_hook(lambda m, args, out: seen.update(args=args))
+    run(model, parity_inputs(parity_dir, "panoptic")[:1], False)
+    hook.remove()
+    return decoder, seen["args"]
+
+
+def test_decoder_fast_path_outputs(parity_dir, monkeypatch):
+    """The fast decoder's final logits and masks are the plain decoder's, bit for bit; its
+    auxiliary outputs are left out. A selection that fails its check falls back to all pixels."""
+    from mask2former.modeling.transformer_decoder import mask2former_transformer_decoder as dec
+
+    decoder, args = _decoder_and_inputs(parity_dir)
+    with torch.no_grad():
+        decoder.fast_inference = False
+        plain = decoder(*args)
+        decoder.fast_inference = True
+        dec._SELECTION_EXACT.clear()
+        outs = [decoder(*args), decoder(*args)]
+        assert len(plain["aux_outputs"]) == decoder.num_layers
+        for out in outs:
+            assert torch.equal(out["pred_logits"], plain["pred_logits"])
+            assert torch.equal(out["pred_masks"], plain["pred_masks"])
+        # the first call computes every mask to verify the selection, so it still has them
+        for a, b in zip(outs[0]["aux_outputs"], plain["aux_outputs"], strict=True):
+            assert torch.equal(a["pred_masks"], b["pred_masks"])
+        assert outs[1]["aux_outputs"] == []
+
+        # wrong pixels (mirrored): the check on the first call rejects them, and the result stays exact
+        dec._SELECTION_EXACT.clear()
+        selected = dec.attention_mask_pixels
+        monkeypatch.setattr(dec, "attention_mask_pixels", lambda f, size: selected(f.flip(-1), size))
+        for _ in range(2):
+            out = decoder(*args)
+            assert torch.equal(out["pred_masks"], plain["pred_masks"])
+            assert torch.equal(out["pred_logits"], plain["pred_logits"])
+        assert dec._SELECTION_EXACT and not any(dec._SELECTION_EXACT.values())
+        assert len(out["aux_outputs"]) == decoder.num_layers
+        # training never selects
+        decoder.train()
+        dec._SELECTION_EXACT.clear()
+        assert len(decoder(*args)["aux_outputs"]) == decoder.num_layers and not dec._SELECTION_EXACT
+    dec._SELECTION_EXACT.clear()
+
+
+@pytest.mark.parametrize("hw,size", [((48, 64), (6, 8)), ((48, 64), (12, 16)), ((40, 24), (5, 6)),
+                                     ((64, 48), (8, 12))])
+def test_attention_mask_pixels_downsample_like_all_pixels(hw, size):
+    """Bilinear downsampling of the selected pixels equals that of the whole map, bit for bit,
+    for every mixture of factors 4 and 8; other factors select nothing."""
+    from mask2former.modeling.transformer_decoder.mask2former_transformer_decoder import attention_mask_pixels
+
+    torch.manual_seed(0)
+    features = torch.randn(2, 16, *hw) * 5
+    embed = torch.randn(2, 7, 16)
+    sub = attention_mask_pixels(features, size)
+    assert sub.shape == (2, 16, 2 * size[0], 2 * size[1])
+    full = torch.einsum("bqc,bchw->bqhw", embed, features)
+    part = torch.einsum("bqc,bchw->bqhw", embed, sub)
+    interp = lambda x: torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    assert torch.equal(interp(part), interp(full))
+    assert torch.equal(interp(sub), interp(features))
+
+
+@pytest.mark.parametrize("size", [(24, 32), (20, 30), (7, 8), (16, 16)])
+def test_attention_mask_pixels_other_factors(size):
+    """Factor 2 (every pixel is read), odd and fractional factors: no selection."""
+    from mask2former.modeling.transformer_decoder.mask2former_transformer_decoder import attention_mask_pixels
+
+    assert attention_mask_pixels(torch.zeros(1, 4, 48, 64), size) is None

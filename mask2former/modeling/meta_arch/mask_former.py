@@ -88,9 +88,21 @@ class MaskFormer(nn.Module):
         self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
         self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
         self.test_topk_per_image = test_topk_per_image
-        # False: the plain inference path (every query's mask upsampled), kept as the reference
-        # that tests compare the fast path with; both give the same results
         self.fast_inference = fast_inference
+
+    @property
+    def fast_inference(self) -> bool:
+        """False: the plain inference path (every query's mask upsampled, every intermediate mask
+        computed, unfused normalisation), kept as the reference that tests compare the fast path
+        with; both give bitwise the same results. Setting it sets every submodule's flag."""
+        return self._fast_inference
+
+    @fast_inference.setter
+    def fast_inference(self, value: bool):
+        self._fast_inference = bool(value)
+        for m in self.modules():
+            if m is not self and hasattr(type(m), "fast_inference"):
+                m.fast_inference = self._fast_inference
 
     @classmethod
     def from_config(cls, cfg, backbone: Optional[nn.Module] = None, sem_seg_head: Optional[nn.Module] = None):

@@ -5,7 +5,8 @@ Each query attends only to pixels where its mask predicted by the previous layer
 
 Shapes: x: 3 maps (N, C_in, H_l, W_l); mask_features (N, mask_dim, H/4, W/4);
 outputs pred_logits (N, Q, K+1), pred_masks (N, Q, H/4, W/4), aux_outputs: one dict per earlier
-prediction (the learnable-query prediction first).
+prediction (the learnable-query prediction first); empty in fast inference, which computes the
+earlier masks only where the attention masks read them.
 """
 import logging
 
@@ -37,6 +38,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     _version = 2
     num_feature_levels = 3
+    # False: inference computes every intermediate mask (the plain path that tests compare with)
+    fast_inference = True
 
     @configurable
     def __init__(self, in_channels: int, mask_classification: bool = True, *, num_classes: int, hidden_dim: int,
@@ -98,8 +101,13 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         bs = src[0].shape[1]
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
+        # Inference uses the intermediate masks only through the attention masks, i.e. at the
+        # pixels that their bilinear downsampling reads; those are all it computes where they
+        # are fewer than all pixels (no auxiliary outputs then).
+        select = self.fast_inference and not self.training
+        pixels = [attention_mask_pixels(mask_features, size) if select else None for size in sizes]
 
-        logits, masks, attn_mask = self.prediction_heads(output, mask_features, sizes[0])
+        logits, masks, attn_mask = self.prediction_heads(output, mask_features, sizes[0], pixels=pixels[0])
         all_logits, all_masks = [logits], [masks]
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
@@ -107,27 +115,54 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 output, src[level], memory_mask=attn_mask, pos=pos[level], query_pos=query_pos)
             output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
             output = self.transformer_ffn_layers[i](output)
-            # the last layer's attention mask would have no reader
-            logits, masks, attn_mask = self.prediction_heads(
-                output, mask_features, sizes[(i + 1) % self.num_feature_levels],
-                with_attn_mask=i + 1 < self.num_layers)
+            nxt = (i + 1) % self.num_feature_levels
+            if i + 1 < self.num_layers:
+                logits, masks, attn_mask = self.prediction_heads(output, mask_features, sizes[nxt], pixels=pixels[nxt])
+            else:
+                # the last layer's attention mask would have no reader
+                logits, masks, attn_mask = self.prediction_heads(output, mask_features, None)
             all_logits.append(logits)
             all_masks.append(masks)
+        aux = [{"pred_logits": a, "pred_masks": b} for a, b in zip(all_logits[:-1], all_masks[:-1])]
         return {
             "pred_logits": all_logits[-1],
             "pred_masks": all_masks[-1],
-            "aux_outputs": [{"pred_logits": a, "pred_masks": b} for a, b in zip(all_logits[:-1], all_masks[:-1])],
+            "aux_outputs": [] if any(m is None for m in all_masks) else aux,
         }
 
-    def prediction_heads(self, output, mask_features, attn_mask_size, with_attn_mask: bool = True):
+    def prediction_heads(self, output, mask_features, attn_mask_size, pixels=None):
         """output (Q, N, C) -> logits (N, Q, K+1), masks (N, Q, H/4, W/4) and the next layer's
-        attention mask, bool, True = not attended: (N*heads, Q, h*w), or (Q, h*w) when N = 1."""
+        attention mask at ``attn_mask_size`` (h, w) (None: no attention mask), bool, True = not
+        attended: (N*heads, Q, h*w), or (Q, h*w) when N = 1.
+
+        ``pixels``: attention_mask_pixels(mask_features, attn_mask_size), or None. When given, the
+        masks are computed at those pixels only and returned as None; the attention mask is the
+        same (checked once per shape against the full computation)."""
         decoded = self.decoder_norm(output).transpose(0, 1)
         logits = self.class_embed(decoded)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
-        if not with_attn_mask:
+        embed = self.mask_embed(decoded)
+        if pixels is not None:
+            key = (mask_features.device.type, mask_features.dtype, tuple(embed.shape), tuple(mask_features.shape),
+                   tuple(attn_mask_size))
+            if _SELECTION_EXACT.get(key):
+                masks = torch.einsum("bqc,bchw->bqhw", embed, pixels)
+                return logits, None, self._attention_mask(masks, attn_mask_size)
+        masks = torch.einsum("bqc,bchw->bqhw", embed, mask_features)
+        if attn_mask_size is None:
             return logits, masks, None
-        attn = F.interpolate(masks, size=attn_mask_size, mode="bilinear", align_corners=False)
+        attn = self._attention_mask(masks, attn_mask_size)
+        if pixels is not None and key not in _SELECTION_EXACT:
+            # The selection relies on the matrix product giving each pixel the same bits whatever
+            # the other columns are, which BLAS libraries do not promise: verify it on this call.
+            selected = self._attention_mask(torch.einsum("bqc,bchw->bqhw", embed, pixels), attn_mask_size)
+            _SELECTION_EXACT[key] = torch.equal(selected, attn)
+            if not _SELECTION_EXACT[key]:
+                logger.info("attention masks from selected pixels differ for %s; computing all pixels", key)
+        return logits, masks, attn
+
+    def _attention_mask(self, masks, size):
+        """Mask logits (N, Q, H', W') -> attention mask (see prediction_heads) at ``size``."""
+        attn = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
         # sigmoid() < 0.5 rather than x < 0: the two differ where sigmoid rounds to exactly 0.5
         attn = attn.sigmoid().flatten(2) < 0.5
         # a query whose mask is empty at this scale attends everywhere instead of nowhere
@@ -135,5 +170,34 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         if attn.shape[0] == 1:
             # one image: a (Q, h*w) mask, which attention broadcasts over the heads (same values
             # as the per-head copies, without building them)
-            return logits, masks, attn[0].detach()
-        return logits, masks, attn.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1).detach()
+            return attn[0].detach()
+        return attn.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1).detach()
+
+
+# (device type, dtype, embedding shape, mask-feature shape, attention-mask size) -> whether masks
+# computed at attention_mask_pixels() gave the full computation's attention mask
+_SELECTION_EXACT = {}
+
+
+def _read_pairs(n_in: int, n_out: int):
+    """Input indices that bilinear resizing (align_corners=False) of n_in -> n_out reads, as
+    consecutive pairs (one per output index, weights 1/2 each), or None unless n_in is an even
+    multiple (>= 4) of n_out."""
+    if n_out <= 0 or n_in % n_out or (n_in // n_out) % 2 or n_in // n_out < 4:
+        return None
+    factor = n_in // n_out
+    first = torch.arange(n_out) * factor + (factor // 2 - 1)  # source position factor*i + factor/2 - 1/2
+    return torch.stack([first, first + 1], 1).flatten()
+
+
+def attention_mask_pixels(mask_features, size):
+    """The pixels of mask_features (N, C, H, W) that bilinearly downsampling a map of that size to
+    ``size`` (h, w) reads: (N, C, 2h, 2w), in which each output pixel reads its own 2x2 block with
+    the same weights (1/2), so downsampling it to (h, w) gives the same values. None when the
+    factors are not even integers >= 4 (then it saves nothing or does not apply)."""
+    rows = _read_pairs(mask_features.shape[-2], size[0])
+    cols = _read_pairs(mask_features.shape[-1], size[1])
+    if rows is None or cols is None:
+        return None
+    dev = mask_features.device
+    return mask_features.index_select(-2, rows.to(dev)).index_select(-1, cols.to(dev))
