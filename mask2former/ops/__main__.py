@@ -3,7 +3,7 @@
     python -m mask2former.ops build [-v]   build (or verify the cached build of) the kernels
     python -m mask2former.ops build --cuda-check [--arch-list "8.0;9.0"] [--build-dir DIR] [-v]
                                            compile + link the CUDA kernels without a GPU (CI)
-    python -m mask2former.ops info         say which ms_deform_attn backend is active and why
+    python -m mask2former.ops info         say which kernels run (ms_deform_attn, frozen_bn_act) and why
 """
 import argparse
 import os
@@ -39,6 +39,11 @@ def _print_info(info: _extension.BackendInfo) -> None:
     print(f"reason: {info.reason}")
     if info.compiled:
         print(f"cpu isa: {torch.ops.mask2former._cpu_isa()}")
+        from .frozen_bn import frozen_bn_act_compiled
+
+        bitwise = frozen_bn_act_compiled()
+        print(f"frozen_bn_act: {'compiled CPU' if bitwise else 'reference'} "
+              f"(kernel {'matches' if bitwise else 'does not match'} torch's batch_norm bitwise)")
         print(f"library: {info.library}")
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root is None:

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-_CPU_SOURCES = ("ms_deform_attn.cpp", "ms_deform_attn_cpu.cpp")
+_CPU_SOURCES = ("ms_deform_attn.cpp", "ms_deform_attn_cpu.cpp", "frozen_bn_cpu.cpp")
 # Added to the build when present and CUDA can be used (torch with CUDA, a visible GPU, nvcc).
 # The file registers its own TORCH_LIBRARY_IMPL(mask2former, CUDA, ...).
 _CUDA_SOURCE = "ms_deform_attn_cuda.cu"
@@ -166,7 +166,7 @@ def _flags():
     if sys.platform == "win32":
         return ["/O2", "/openmp"], []
     # No -march=native: the build must run on any CPU of the architecture. The CPU kernels pick
-    # an AVX2 / AVX-512 variant at run time themselves (see csrc/ms_deform_attn_cpu.cpp).
+    # an AVX2 / AVX-512 variant at run time themselves (see csrc/cpu_isa.h).
     cflags = ["-O3"]
     ldflags = []
     # at::parallel_for is an inline OpenMP loop when torch uses OpenMP (Linux wheels); without

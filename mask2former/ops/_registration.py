@@ -4,7 +4,8 @@ The schemas and device kernels are defined in C++ (``csrc/``); this module adds 
 ``torch.compile`` / ``torch.export`` / autograd need on top of them:
 
 * fake (meta) kernels, which give output shapes without touching data;
-* the autograd formula, which calls ``mask2former::ms_deform_attn_backward``.
+* the autograd formula, which calls ``mask2former::ms_deform_attn_backward``
+  (``frozen_bn_act`` is inference-only and has none).
 
 The C++ library names this module with ``set_python_module``, so torch can import it by itself
 (e.g. when an exported program using the op is loaded). ``_extension`` calls
@@ -12,6 +13,7 @@ The C++ library names this module with ``set_python_module``, so torch can impor
 """
 import torch
 
+from .frozen_bn import check_frozen_bn_act_shapes
 from .ms_deform_attn import check_ms_deform_attn_shapes
 
 __all__ = ["ensure_registered"]
@@ -56,6 +58,22 @@ def ensure_registered():
         )
 
     torch.library.register_autograd("mask2former::ms_deform_attn", _backward, setup_context=_setup_context)
+
+    def _check_frozen_bn_act(x, weight, bias, running_mean, running_var, residual):
+        check_frozen_bn_act_shapes(x, weight, bias, running_mean, running_var, residual)
+        for name, t in (("x", x), ("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                        ("running_var", running_var), ("residual", residual)):
+            if t is not None and t.dtype != torch.float32:
+                raise ValueError(f"mask2former::frozen_bn_act: {name} must be float32; got {t.dtype}")
+
+    @torch.library.register_fake("mask2former::frozen_bn_act")
+    def _frozen_bn_act_fake(x, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
+        _check_frozen_bn_act(x, weight, bias, running_mean, running_var, residual)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("mask2former::frozen_bn_act_")
+    def _frozen_bn_act_inplace_fake(x, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
+        _check_frozen_bn_act(x, weight, bias, running_mean, running_var, residual)
 
 
 ensure_registered()

@@ -43,7 +43,15 @@ def _conv(in_ch, out_ch, k, *, stride=1, dilation=1, groups=1, norm="BN") -> Con
 
 
 class CNNBlockBase(nn.Module):
-    """A block with known ``in_channels``, ``out_channels`` and spatial ``stride``."""
+    """A block with known ``in_channels``, ``out_channels`` and spatial ``stride``.
+
+    ``fast_inference`` (default True): in eval mode without autograd, on CPU float32 contiguous
+    input, the ResNet blocks and stems run each FrozenBatchNorm2d together with the residual add
+    and ReLU after it as one pass (``Conv2d.forward_act``); the outputs are bitwise those of the
+    plain path, which ``fast_inference = False`` selects.
+    """
+
+    fast_inference = True
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
@@ -58,6 +66,16 @@ class CNNBlockBase(nn.Module):
         FrozenBatchNorm2d.convert_frozen_batchnorm(self)
         return self
 
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        return (
+            self.fast_inference
+            and not self.training
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.is_contiguous()
+        )
+
 
 class BasicStem(CNNBlockBase):
     """conv1 7x7/2 + norm + ReLU, then max-pool 3x3/2: (N, C, H, W) -> (N, out, ~H/4, ~W/4)."""
@@ -67,6 +85,8 @@ class BasicStem(CNNBlockBase):
         self.conv1 = _conv(in_channels, out_channels, 7, stride=2, norm=norm)
 
     def forward(self, x):
+        if self._use_fused(x):
+            return _stem_max_pool(self.conv1.forward_act(x, relu=True))
         return _stem_max_pool(F.relu_(self.conv1(x)))
 
 
@@ -90,6 +110,10 @@ class DeepLabStem(CNNBlockBase):
         self.conv3 = _conv(mid, out_channels, 3, norm=norm)
 
     def forward(self, x):
+        if self._use_fused(x):
+            x = self.conv1.forward_act(x, relu=True)
+            x = self.conv2.forward_act(x, relu=True)
+            return _stem_max_pool(self.conv3.forward_act(x, relu=True))
         x = F.relu_(self.conv1(x))
         x = F.relu_(self.conv2(x))
         return _stem_max_pool(F.relu_(self.conv3(x)))
@@ -110,6 +134,10 @@ class BasicBlock(CNNBlockBase):
         self.conv2 = _conv(out_channels, out_channels, 3, norm=norm)
 
     def forward(self, x):
+        if self._use_fused(x):
+            out = self.conv1.forward_act(x, relu=True)
+            shortcut = x if self.shortcut is None else self.shortcut.forward_act(x)
+            return self.conv2.forward_act(out, residual=shortcut, relu=True)
         out = self.conv2(F.relu_(self.conv1(x)))
         out += x if self.shortcut is None else self.shortcut(x)
         return F.relu_(out)
@@ -149,6 +177,11 @@ class BottleneckBlock(CNNBlockBase):
         self.conv3 = _conv(bottleneck_channels, out_channels, 1, norm=norm)
 
     def forward(self, x):
+        if self._use_fused(x):
+            out = self.conv1.forward_act(x, relu=True)
+            out = self.conv2.forward_act(out, relu=True)
+            shortcut = x if self.shortcut is None else self.shortcut.forward_act(x)
+            return self.conv3.forward_act(out, residual=shortcut, relu=True)
         out = F.relu_(self.conv1(x))
         out = F.relu_(self.conv2(out))
         out = self.conv3(out)
@@ -198,6 +231,18 @@ class ResNet(Backbone):
             self._out_feature_channels[name] = blocks[-1].out_channels
         self._out_features = list(out_features) if out_features is not None else [self.stage_names[-1]]
         self.freeze(freeze_at)
+
+    @property
+    def fast_inference(self) -> bool:
+        """Whether the stem and every block may take the fused inference path (see
+        ``CNNBlockBase``); setting it sets theirs."""
+        return all(m.fast_inference for m in self.modules() if isinstance(m, CNNBlockBase))
+
+    @fast_inference.setter
+    def fast_inference(self, value: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, CNNBlockBase):
+                m.fast_inference = bool(value)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """x: (N, C, H, W) -> {name: (N, C_name, ceil-ish(H/stride), ceil-ish(W/stride))}."""

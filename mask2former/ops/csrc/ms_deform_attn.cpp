@@ -3,6 +3,7 @@
 // The schemas live here, device kernels register themselves next to their code:
 //   ms_deform_attn_cpu.cpp   TORCH_LIBRARY_IMPL(mask2former, CPU, ...)
 //   ms_deform_attn_cuda.cu   TORCH_LIBRARY_IMPL(mask2former, CUDA, ...)   (when built)
+//   frozen_bn_cpu.cpp        TORCH_LIBRARY_IMPL(mask2former, CPU, ...)    (frozen_bn_act, CPU only)
 // Fake (meta) kernels and the autograd formula are registered from Python
 // (mask2former/ops/_registration.py), which set_python_module below points to.
 #include "ms_deform_attn.h"
@@ -108,6 +109,17 @@ TORCH_LIBRARY(mask2former, m) {
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
       "-> (Tensor grad_value, Tensor grad_sampling_locations, Tensor grad_attention_weights)",
+      {at::Tag::pt2_compliant_tag});
+  // Inference-only FrozenBatchNorm2d (+ residual) (+ ReLU) in one pass; no autograd. The
+  // trailing-underscore variant writes into x and returns nothing (functionalization does not
+  // support custom ops whose outputs alias inputs).
+  m.def(
+      "frozen_bn_act(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, "
+      "float eps, Tensor? residual=None, bool relu=False) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "frozen_bn_act_(Tensor(a!) x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, "
+      "float eps, Tensor? residual=None, bool relu=False) -> ()",
       {at::Tag::pt2_compliant_tag});
   // Diagnostics for `python -m mask2former.ops info`.
   m.def("_cpu_isa() -> str", &mask2former::ms_deform_attn_cpu_isa);

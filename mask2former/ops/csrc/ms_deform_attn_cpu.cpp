@@ -1,11 +1,8 @@
 // CPU implementation of mask2former::ms_deform_attn and its backward.
 //
-// Portability: the extension is built with the compiler's baseline flags (no -march=native),
-// so the kernels in ms_deform_attn_cpu_kernel.h are compiled several times: once for the
-// baseline and, with GCC on x86-64, once each for AVX2+FMA and AVX-512 via
-// `#pragma GCC target`. The variant is chosen at run time from CPUID (the same idea as
-// ATen's CPU_CAPABILITY dispatch); M2F_OPS_CPU_ISA=generic|avx2|avx512 caps it, e.g. to
-// test every variant on one machine.
+// Portability: the kernels in ms_deform_attn_cpu_kernel.h are compiled once per instruction
+// set and picked at run time (see cpu_isa.h).
+#include "cpu_isa.h"
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_cpu_args.h"
 
@@ -25,12 +22,6 @@
 #include <cstring>
 #include <string>
 #include <vector>
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define M2F_CPU_MULTI_ISA 1
-#else
-#define M2F_CPU_MULTI_ISA 0
-#endif
 
 namespace mask2former {
 
@@ -62,47 +53,6 @@ namespace cpu_avx512 {
 #endif
 
 namespace {
-
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa best_supported_isa() {
-#if M2F_CPU_MULTI_ISA
-  static const Isa best = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kGeneric;
-  }();
-  return best;
-#else
-  return Isa::kGeneric;
-#endif
-}
-
-// Best supported variant, capped by M2F_OPS_CPU_ISA (read on every call so tests can switch).
-Isa active_isa() {
-  Isa isa = best_supported_isa();
-  if (const char* env = std::getenv("M2F_OPS_CPU_ISA")) {
-    Isa cap = isa;
-    if (std::strcmp(env, "generic") == 0) cap = Isa::kGeneric;
-    else if (std::strcmp(env, "avx2") == 0) cap = Isa::kAvx2;
-    else if (std::strcmp(env, "avx512") == 0) cap = Isa::kAvx512;
-    else if (env[0] != '\0')
-      TORCH_CHECK_VALUE(false, "M2F_OPS_CPU_ISA must be generic, avx2 or avx512; got '", env, "'");
-    isa = std::min(isa, cap);
-  }
-  return isa;
-}
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "generic";
-  }
-}
 
 template <typename T>
 using KernelFn = void (*)(const MSDAArgs<T>&, int64_t, int64_t);
