@@ -153,7 +153,7 @@ def test_errors_name_the_argument(op):
     x, (w, b, m, v), residual = make_case((2, 6, 4, 5))
     with pytest.raises(ValueError, match=r"x must be float32; got Double"):
         fn(x.double(), w, b, m, v, 1e-5, None, False)
-    with pytest.raises(ValueError, match=r"x must be \(N, C, H, W\); got shape \[6, 4, 5\]"):
+    with pytest.raises(ValueError, match=r"x must be \(N, C, H, W\) or channel-blocked \(N, C/B, H, W, B\); got shape \[6, 4, 5\]"):
         fn(x[0], w, b, m, v, 1e-5, None, False)
     with pytest.raises(ValueError, match=r"weight must be \(C,\) with C=6; got shape \[5\]"):
         fn(x, w[:5], b, m, v, 1e-5, None, False)
@@ -261,6 +261,24 @@ def test_self_check_detects_a_differently_rounding_batch_norm(op, monkeypatch):
     assert not frozen_bn._run_self_check()
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 16), (1, 2, 4, 3, 8), (1, 3, 2, 5, 4), (1, 1, 1, 1, 16)])
+def test_op_channel_blocked_layout(isa, shape, with_residual, relu):
+    """(N, C/B, H, W, B): the NCHW result, laid out in channel blocks."""
+    n, cb, h, w, b = shape
+    x, params, residual = make_case((n, cb * b, h, w), seed=sum(shape), specials=True)
+    to_blocks = lambda t: t.unflatten(1, (cb, b)).permute(0, 1, 3, 4, 2).clone(memory_format=torch.contiguous_format)
+    residual = residual if with_residual else None
+    want = to_blocks(plain(x, params, 1e-5, residual, relu))
+    res_b = None if residual is None else to_blocks(residual)
+    assert_bitwise(torch.ops.mask2former.frozen_bn_act(to_blocks(x), *params, 1e-5, res_b, relu), want)
+    target = to_blocks(x)
+    frozen_bn_act(target, *params, 1e-5, residual=res_b, relu=relu, inplace=True)
+    assert_bitwise(target, want)
+    assert_bitwise(frozen_bn.frozen_bn_act_reference(to_blocks(x), *params, 1e-5, res_b, relu), want)
+
+
 # ------------------------------------------------------------------------------------ ResNet
 def randomise_frozen_bn(model, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -336,7 +354,8 @@ def test_fast_path_runs_only_when_allowed(monkeypatch):
     with torch.no_grad():
         model(x)
     bn_count = sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
-    assert len(calls) == bn_count
+    # the first call at a size runs the NCHW path and, where available, checks the channel-blocked one
+    assert len(calls) == bn_count * (2 if model._blocked_exact else 1)
     for setup in (lambda: setattr(model, "fast_inference", False), lambda: model.train()):
         calls.clear()
         model.eval().fast_inference = True

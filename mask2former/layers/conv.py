@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .blocked import blocked_view
 from .norm import FrozenBatchNorm2d
 
 
@@ -31,7 +32,17 @@ class Conv2d(nn.Conv2d):
         ``FrozenBatchNorm2d.forward_act``, one pass over the conv output where the compiled
         kernel allows; bitwise equal to the plain sequence. That bypasses the modules' __call__,
         so with forward hooks on this conv or its norm the plain sequence runs instead.
+        An opaque ``to_mkldnn()`` x (FrozenBatchNorm2d norm, no activation, no hooks: the
+        caller's checks) gives an opaque result (see ``layers.blocked``).
         """
+        if x.is_mkldnn:
+            # channel-blocked activations (layers.blocked): oneDNN's conv without its reorders,
+            # then the norm, add and ReLU on the output's memory in place
+            y = torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
+                                         self.groups)
+            self.norm.forward_act(blocked_view(y), None if residual is None else blocked_view(residual), relu,
+                                  inplace=True)
+            return y
         if (isinstance(self.norm, FrozenBatchNorm2d) and self.activation is None
                 and not _has_hooks(self) and not _has_hooks(self.norm)):
             return self.norm.forward_act(super().forward(x), residual, relu, inplace=True)

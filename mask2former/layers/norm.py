@@ -43,11 +43,12 @@ class FrozenBatchNorm2d(nn.Module):
         Where ``mask2former.ops.frozen_bn_act`` runs its compiled kernel (CPU float32 contiguous,
         no autograd, kernel bitwise equal to batch_norm on this machine) the three steps are one
         pass over memory; otherwise they run as written. Same bits either way. ``inplace``: x is
-        a temporary of the caller's and may hold the result.
+        a temporary of the caller's and may hold the result. x may also be channel-blocked,
+        (N, C/B, H, W, B) (see ``layers.blocked``).
         """
         if not x.requires_grad:
             params = [t.to(x.dtype) for t in (self.weight, self.bias, self.running_mean, self.running_var)]
-            if frozen_bn_act_uses_compiled(x, *params, residual):
+            if x.dim() == 5 or frozen_bn_act_uses_compiled(x, *params, residual):
                 return frozen_bn_act(x, *params, self.eps, residual=residual, relu=relu, inplace=inplace)
         out = self(x)
         if residual is not None:

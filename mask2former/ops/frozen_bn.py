@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 def check_frozen_bn_act_shapes(x, weight, bias, running_mean, running_var, residual=None):
     """Validate ranks and sizes without reading data (works on fake tensors); raise ValueError
     naming the offending argument."""
-    if x.dim() != 4:
-        raise ValueError(f"x must be (N, C, H, W); got shape {tuple(x.shape)}")
-    c = x.shape[1]
+    if x.dim() not in (4, 5):
+        raise ValueError(f"x must be (N, C, H, W) or channel-blocked (N, C/B, H, W, B); got shape {tuple(x.shape)}")
+    c = x.shape[1] * x.shape[4] if x.dim() == 5 else x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if t.dim() != 1 or t.shape[0] != c:
             raise ValueError(f"{name} must be (C,) with C={c}; got shape {tuple(t.shape)}")
@@ -58,8 +58,17 @@ def frozen_bn_act_reference(
     relu: bool = False,
     inplace: bool = False,
 ) -> torch.Tensor:
-    """The plain path: ``F.batch_norm`` (inference), ``+= residual``, ``relu_``; x (N, C, H, W),
-    statistics (C,). With ``inplace`` the result is copied into x, which is returned."""
+    """The plain path: ``F.batch_norm`` (inference), ``+= residual``, ``relu_``; x (N, C, H, W)
+    or channel-blocked (N, C/B, H, W, B), statistics (C,). With ``inplace`` the result is copied
+    into x, which is returned."""
+    if x.dim() == 5:  # per element, so computing it in NCHW order gives the same bits
+        c = x.shape[1] * x.shape[4]
+        # into fresh NCHW storage: batch_norm's kernel choice (and rounding) follows the strides
+        nchw = lambda t: t.new_empty(x.shape[0], c, *x.shape[2:4]).copy_(t.permute(0, 1, 4, 2, 3).flatten(1, 2))
+        out = frozen_bn_act_reference(nchw(x), weight, bias, running_mean, running_var, eps,
+                                      None if residual is None else nchw(residual), relu)
+        out = out.unflatten(1, (x.shape[1], x.shape[4])).permute(0, 1, 3, 4, 2)
+        return x.copy_(out) if inplace else out.contiguous()
     out = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     if residual is not None:
         out += residual
@@ -78,8 +87,9 @@ def _check_inputs():
     and zero weights."""
     g = torch.Generator().manual_seed(0)
     cases = []
-    for shape in ((2, 19, 5, 37), (1, 24, 1, 1), (1, 3, 16, 16)):
-        c = shape[1]
+    # NCHW, and channel-blocked (N, C/B, H, W, B) as oneDNN lays out AVX-512 / AVX2 conv outputs
+    for shape in ((2, 19, 5, 37), (1, 24, 1, 1), (1, 3, 16, 16), (2, 3, 3, 5, 16), (1, 3, 2, 7, 8), (1, 2, 3, 1, 4)):
+        c = shape[1] * shape[4] if len(shape) == 5 else shape[1]
         x = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 4)
         flat = x.view(-1)
         flat[::7] = 0.0
@@ -168,14 +178,15 @@ def frozen_bn_act(
     ``frozen_bn_act_reference``.
 
     Args:
-        x: (N, C, H, W).
+        x: (N, C, H, W), or channel-blocked (N, C/B, H, W, B): channel cb * B + j at
+            [n, cb, h, w, j] (oneDNN's nChw<B>c layout).
         weight, bias, running_mean, running_var: (C,).
         eps: added to running_var.
-        residual: optional (N, C, H, W), added after the normalisation.
+        residual: optional, x's shape and layout, added after the normalisation.
         relu: apply ReLU last (keeps NaN and -0.0, like ``torch.relu``).
         inplace: write the result into x and return x.
     Returns:
-        (N, C, H, W), a new tensor or x.
+        x's shape and layout, a new tensor or x.
     """
     check_frozen_bn_act_shapes(x, weight, bias, running_mean, running_var, residual)
     if frozen_bn_act_uses_compiled(x, weight, bias, running_mean, running_var, residual):

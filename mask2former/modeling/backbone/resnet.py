@@ -3,6 +3,7 @@
 Keys look like ``stem.conv1.weight``, ``stem.conv1.norm.running_mean``, ``res2.0.shortcut.weight``,
 ``res3.1.conv2.norm.bias`` so that Detectron2 model-zoo / ImageNet checkpoints load unchanged.
 """
+import logging
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -10,8 +11,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...layers import Conv2d, FrozenBatchNorm2d, ShapeSpec, c2_msra_fill, get_norm
+from ...layers.blocked import block_size
+from ...ops.frozen_bn import frozen_bn_act_compiled
 from ...utils.registry import BACKBONE_REGISTRY
 from .backbone import Backbone
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CNNBlockBase",
@@ -67,6 +72,8 @@ class CNNBlockBase(nn.Module):
         return self
 
     def _use_fused(self, x: torch.Tensor) -> bool:
+        if x.is_mkldnn:  # channel-blocked, from ResNet's fast path, which checked the rest
+            return True
         return (
             self.fast_inference
             and not self.training
@@ -92,7 +99,10 @@ class BasicStem(CNNBlockBase):
 
 def _stem_max_pool(x):
     """3x3/2 max-pool. Without autograd torch's channels-last kernel is several times faster
-    than its NCHW one (which also computes indices); a maximum is exact either way."""
+    than its NCHW one (which also computes indices); a maximum is exact either way. Opaque
+    (channel-blocked) x stays so."""
+    if x.is_mkldnn:
+        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     if x.dim() == 4 and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):
         pooled = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size=3, stride=2, padding=1)
         return pooled.contiguous()
@@ -231,6 +241,8 @@ class ResNet(Backbone):
             self._out_feature_channels[name] = blocks[-1].out_channels
         self._out_features = list(out_features) if out_features is not None else [self.stage_names[-1]]
         self.freeze(freeze_at)
+        # input shape -> whether the channel-blocked fast path matched the NCHW path (forward)
+        self._blocked_exact: Dict[tuple, bool] = {}
 
     @property
     def fast_inference(self) -> bool:
@@ -245,9 +257,53 @@ class ResNet(Backbone):
                 m.fast_inference = bool(value)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """x: (N, C, H, W) -> {name: (N, C_name, ceil-ish(H/stride), ceil-ish(W/stride))}."""
+        """x: (N, C, H, W) -> {name: (N, C_name, ceil-ish(H/stride), ceil-ish(W/stride))}.
+
+        Fast CPU inference keeps the activations in oneDNN's channel-blocked layout between
+        convolutions (``layers.blocked``). The first call at each input size also runs the NCHW
+        path and compares every output bit for bit; only a size that matched is run blocked."""
         if x.dim() != 4:
             raise ValueError(f"ResNet takes an input of shape (N, C, H, W); got {tuple(x.shape)}")
+        if not self._blocked_allowed(x):
+            return self._forward(x)
+        key = tuple(x.shape)
+        exact = self._blocked_exact.get(key)
+        if exact is None:
+            plain = self._forward(x)
+            blocked = self._forward(x.to_mkldnn())
+            exact = self._blocked_exact[key] = all(torch.equal(plain[k], blocked[k].to_dense()) for k in plain)
+            if not exact:
+                logger.info("ResNet: channel-blocked convolutions differ from NCHW ones at input %s; not used", key)
+            return plain
+        if not exact:
+            return self._forward(x)
+        return {k: v.to_dense() for k, v in self._forward(x.to_mkldnn()).items()}
+
+    def _blocked_allowed(self, x: torch.Tensor) -> bool:
+        """Whether every stem / block convolution can run on channel-blocked activations:
+        fused inference allowed everywhere (CPU float32, grad mode off), compiled frozen batch
+        norm, FrozenBatchNorm2d after each conv, whole channel blocks, no hooks."""
+        if torch.compiler.is_compiling():  # opaque tensors and raw memory views do not trace
+            return False
+        if not (self.fast_inference and not self.training and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_grad_enabled() and frozen_bn_act_compiled()):
+            return False
+        b = block_size()
+        if b is None:
+            return False
+        for m in self.modules():
+            if m._forward_hooks or m._forward_pre_hooks:
+                return False
+            if isinstance(m, nn.Conv2d):
+                if not (isinstance(m, Conv2d) and isinstance(m.norm, FrozenBatchNorm2d) and m.activation is None
+                        and m.padding_mode == "zeros" and isinstance(m.padding, tuple) and m.out_channels % b == 0):
+                    return False
+            elif not isinstance(m, (CNNBlockBase, ResNet, nn.Sequential, FrozenBatchNorm2d)):
+                return False
+        return type(self.stem) in (BasicStem, DeepLabStem) and all(
+            type(blk) in (BasicBlock, BottleneckBlock) for name in self.stage_names for blk in getattr(self, name))
+
+    def _forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         outputs = {}
         x = self.stem(x)
         if "stem" in self._out_features:

@@ -2,7 +2,8 @@
 // inference batch norm with fixed statistics, optionally followed by a residual add and a ReLU,
 // in one pass over memory instead of the three (batch_norm, add_, relu_) of the plain path.
 //
-//   x, residual, output   (N, C, H, W) float32, contiguous
+//   x, residual, output   (N, C, H, W) float32, contiguous; or channel-blocked (N, C / B, H, W, B)
+//                         (oneDNN's nChw<B>c layout: channel cb * B + j at [n, cb, h, w, j])
 //   weight, bias, running_mean, running_var   (C,) float32
 //
 // Per channel, exactly as ATen's inference batch_norm (see frozen_bn_cpu_kernel.h):
@@ -76,9 +77,10 @@ void check_tensor(const at::Tensor& t, const char* arg, const char* op_name) {
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   const at::Tensor& running_mean, const at::Tensor& running_var,
                   const std::optional<at::Tensor>& residual, const char* op_name) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op_name, ": x must be (N, C, H, W); got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4 || x.dim() == 5, op_name,
+                    ": x must be (N, C, H, W) or channel-blocked (N, C/B, H, W, B); got shape ", x.sizes());
   check_tensor(x, "x", op_name);
-  const int64_t C = x.size(1);
+  const int64_t C = x.dim() == 5 ? x.size(1) * x.size(4) : x.size(1);
   const std::pair<const at::Tensor*, const char*> params[] = {
       {&weight, "weight"}, {&bias, "bias"}, {&running_mean, "running_mean"}, {&running_var, "running_var"}};
   for (const auto& [t, arg] : params) {
@@ -97,7 +99,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& running_mean,
          const at::Tensor& running_var, double eps, const std::optional<at::Tensor>& residual, bool relu,
          const at::Tensor& out) {
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t B = x.dim() == 5 ? x.size(4) : 1;
+  const int64_t N = x.size(0), C = x.size(1) * B, HW = x.size(2) * x.size(3);
   if (x.numel() == 0) return;
   // Per-channel terms in ATen's order of operations (see the file comment).
   const float feps = static_cast<float>(eps);
@@ -119,9 +122,9 @@ void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, 
   const float* bp = beta.data();
   // A task covers whole planes and at least 32768 elements (ATen's grain for elementwise ops):
   // smaller work is not worth waking threads for.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
-  at::parallel_for(0, N * C, grain,
-                   [&](int64_t begin, int64_t end) { fn(xp, rp, yp, ap, bp, C, HW, begin, end); });
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW * B, 1));
+  at::parallel_for(0, N * (C / B), grain,
+                   [&](int64_t begin, int64_t end) { fn(xp, rp, yp, ap, bp, C, B, HW, begin, end); });
 }
 
 }  // namespace

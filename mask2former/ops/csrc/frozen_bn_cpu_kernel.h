@@ -55,19 +55,63 @@ inline void bn_act_plane(const float* x, const float* r, float* y, int64_t n, fl
   }
 }
 
-// Planes [begin, end) of an (N, C, HW) tensor; plane p has channel p % C.
-// alpha / beta: (C,) per-channel scale and shift; r may be null when kResidual is false.
+// Planes [begin, end) of an (N, C / B, HW, B) tensor (B = 1: plain NCHW; B > 1: oneDNN's
+// channel-blocked layout, channel cb * B + j at [n, cb, p, j]); plane p covers channels
+// (p % (C / B)) * B .. + B. alpha / beta: (C,) per-channel scale and shift; r may be null when
+// kResidual is false.
 template <bool kResidual, bool kRelu>
 void bn_act_planes(const float* x, const float* r, float* y, const float* alpha, const float* beta, int64_t C,
-                   int64_t HW, int64_t begin, int64_t end) {
+                   int64_t B, int64_t HW, int64_t begin, int64_t end) {
+  const int64_t CB = C / B, plane = HW * B;
   for (int64_t p = begin; p < end; ++p) {
-    const int64_t off = p * HW, c = p % C;
-    bn_act_plane<kResidual, kRelu>(x + off, kResidual ? r + off : nullptr, y + off, HW, alpha[c], beta[c]);
+    const int64_t off = p * plane, c0 = (p % CB) * B;
+    const float* xp = x + off;
+    const float* rp = kResidual ? r + off : nullptr;
+    float* yp = y + off;
+    if (B == 1) {
+      bn_act_plane<kResidual, kRelu>(xp, rp, yp, HW, alpha[c0], beta[c0]);
+      continue;
+    }
+#if M2F_VEC_BYTES == 64
+    if (B == 16) {  // one vector per pixel, the block's 16 scales and shifts held in registers
+      const __m512 va = _mm512_loadu_ps(alpha + c0), vb = _mm512_loadu_ps(beta + c0), zero = _mm512_setzero_ps();
+      for (int64_t i = 0; i < plane; i += 16) {
+        __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(xp + i), va, vb);
+        if constexpr (kResidual) v = _mm512_add_ps(v, _mm512_loadu_ps(rp + i));
+        if constexpr (kRelu) v = _mm512_max_ps(zero, v);
+        _mm512_storeu_ps(yp + i, v);
+      }
+      continue;
+    }
+#endif
+#if M2F_VEC_BYTES >= 32
+    if (B % 8 == 0) {
+      const __m256 zero = _mm256_setzero_ps();
+      for (int64_t i = 0; i < plane; i += B) {
+        for (int64_t j = 0; j < B; j += 8) {
+          __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(xp + i + j), _mm256_loadu_ps(alpha + c0 + j),
+                                     _mm256_loadu_ps(beta + c0 + j));
+          if constexpr (kResidual) v = _mm256_add_ps(v, _mm256_loadu_ps(rp + i + j));
+          if constexpr (kRelu) v = _mm256_max_ps(zero, v);
+          _mm256_storeu_ps(yp + i + j, v);
+        }
+      }
+      continue;
+    }
+#endif
+    for (int64_t i = 0; i < plane; i += B) {
+      for (int64_t j = 0; j < B; ++j) {
+        float v = std::fma(xp[i + j], alpha[c0 + j], beta[c0 + j]);
+        if constexpr (kResidual) v = v + rp[i + j];
+        if constexpr (kRelu) v = v < 0.f ? 0.f : v;
+        yp[i + j] = v;
+      }
+    }
   }
 }
 
 using PlanesFn = void (*)(const float*, const float*, float*, const float*, const float*, int64_t, int64_t,
-                          int64_t, int64_t);
+                          int64_t, int64_t, int64_t);
 
 inline PlanesFn pick_planes(bool residual, bool relu) {
   if (residual) return relu ? &bn_act_planes<true, true> : &bn_act_planes<true, false>;

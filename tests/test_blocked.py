@@ -1,0 +1,89 @@
+"""Channel-blocked (oneDNN opaque) activations in the ResNet's fast inference path: the layout
+probe, the dense view of opaque memory, and the ResNet's once-per-size check against NCHW."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+from mask2former.layers import blocked
+from mask2former.ops import frozen_bn_act_compiled
+from test_frozen_bn_act import resnet
+
+
+@pytest.fixture
+def block():
+    b = blocked.block_size()
+    if b is None:
+        pytest.skip("torch has no oneDNN opaque tensors with readable memory here")
+    if not frozen_bn_act_compiled():
+        pytest.skip("the compiled frozen_bn_act kernel is unavailable: no channel-blocked path")
+    return b
+
+
+def test_blocked_view_is_the_conv_output_in_blocks(block):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 3, 64, 80, generator=g), torch.randn(2 * block, 3, 7, 7, generator=g)
+    with torch.no_grad():
+        out = torch.mkldnn_convolution(x.to_mkldnn(), w, None, [3, 3], [2, 2], [1, 1], 1)
+        view = blocked.blocked_view(out)
+        assert view.shape == (1, 2, 32, 40, block)
+        nchw = out.to_dense()
+        assert torch.equal(view.permute(0, 1, 4, 2, 3).reshape(nchw.shape), nchw)
+        view.zero_()  # the view aliases the opaque tensor's memory
+        assert not out.to_dense().any()
+    with pytest.raises(ValueError, match="channels"):
+        blocked.blocked_view(torch.zeros(1, block + 1, 4, 4).to_mkldnn())
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 256, 320), (2, 3, 160, 224)])
+def test_resnet_blocked_path_matches_nchw(block, shape):
+    """First call: NCHW result, and the blocked path checked against it; later calls at a size
+    that matched run blocked, with the same bits as the plain path."""
+    model = resnet(50)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    model.fast_inference = False
+    with torch.no_grad():
+        plain = model(x)
+        model.fast_inference = True
+        outs = [model(x), model(x)]
+    assert list(model._blocked_exact) == [shape]
+    for out in outs:
+        assert out.keys() == plain.keys()
+        for k in plain:
+            assert torch.equal(out[k], plain[k]) and out[k].layout == torch.strided and out[k].is_contiguous(), k
+
+
+def test_resnet_blocked_path_rejected_when_it_differs(block, monkeypatch):
+    """A blocked path that does not reproduce the NCHW outputs is never used for that size."""
+    model = resnet(50)
+    x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model.fast_inference = False
+        plain = model(x)
+        model.fast_inference = True
+        real = blocked.blocked_view
+        import mask2former.layers.conv as conv_module
+
+        monkeypatch.setattr(conv_module, "blocked_view", lambda t: real(t).flip(-1))
+        outs = [model(x), model(x)]
+    assert model._blocked_exact == {tuple(x.shape): False}
+    for out in outs:
+        for k in plain:
+            assert torch.equal(out[k], plain[k]), k
+
+
+def test_resnet_blocked_path_only_when_allowed(block):
+    model = resnet(50)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model._blocked_allowed(x)
+        assert not model._blocked_allowed(x.double())
+        model.fast_inference = False
+        assert not model._blocked_allowed(x)
+        model.fast_inference = True
+        model.train()
+        assert not model._blocked_allowed(x)
+        model.eval()
+        handle = model.res3[0].conv2.register_forward_hook(lambda *a: None)
+        assert not model._blocked_allowed(x)
+        handle.remove()
+    assert not model._blocked_allowed(x)  # grad mode on
