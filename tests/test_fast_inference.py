@@ -269,3 +269,50 @@ def test_attention_mask_pixels_other_factors(size):
     from mask2former.modeling.transformer_decoder.mask2former_transformer_decoder import attention_mask_pixels
 
     assert attention_mask_pixels(torch.zeros(1, 4, 48, 64), size) is None
+
+
+def test_scratch_buffer_reuse_rules():
+    import threading
+
+    from mask2former.layers.scratch import scratch_buffer
+
+    owner = torch.nn.Linear(2, 2)
+    like = torch.zeros(1)
+    a = scratch_buffer(owner, "x", (4, 5), like)
+    assert a.shape == (4, 5) and a.is_contiguous() and scratch_buffer(owner, "x", (4, 5), like) is a
+    assert scratch_buffer(owner, "y", (4, 5), like) is not a  # by name
+    assert scratch_buffer(owner, "x", (4, 6), like).shape == (4, 6)  # a new size replaces it
+    assert scratch_buffer(owner, "x", (4, 6), like.double()).dtype == torch.float64
+    with torch.inference_mode():
+        b = scratch_buffer(owner, "x", (4, 6), like)
+        assert b.is_inference()
+    c = scratch_buffer(owner, "x", (4, 6), like)
+    assert not c.is_inference() and c is not b
+    c.add_(1)  # writable outside inference mode
+    other = []
+    t = threading.Thread(target=lambda: other.append(scratch_buffer(owner, "x", (4, 6), like)))
+    t.start()
+    t.join()
+    assert other[0] is not c  # one per thread
+    assert "_scratch_buffers" not in owner.state_dict() and not list(owner.buffers())
+
+
+@pytest.mark.parametrize("shape", [(1, 50, 16), (3, 7, 16)])
+def test_ffn_block_hidden_buffer_is_bitwise(shape):
+    from mask2former.layers import ffn_block
+
+    torch.manual_seed(0)
+    lin1, lin2, norm = torch.nn.Linear(16, 40), torch.nn.Linear(40, 16), torch.nn.LayerNorm(16)
+    x = torch.randn(shape)
+    drop = torch.nn.Identity()
+    with torch.no_grad():
+        want = ffn_block(lin1, lin2, norm, drop, drop, torch.nn.functional.relu_, x)
+        hidden = torch.full((shape[0] * shape[1], 40), float("nan"))
+        got = ffn_block(lin1, lin2, norm, drop, drop, torch.nn.functional.relu_, x, hidden=hidden)
+        assert torch.equal(got, want)
+        # non-contiguous input: F.linear's own path, the buffer untouched
+        xt = torch.stack([x, x], -1)[..., 0]
+        assert not xt.is_contiguous()
+        hidden.fill_(float("nan"))
+        assert torch.equal(ffn_block(lin1, lin2, norm, drop, drop, torch.nn.functional.relu_, xt, hidden=hidden), want)
+        assert hidden.isnan().all()

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from ...config.configurable import configurable
 from ...layers import Conv2d, PositionEmbeddingSine, ShapeSpec, TransformerEncoderLayer, c2_xavier_fill, clones, get_norm
+from ...layers.scratch import scratch_buffer
 from ...utils.registry import PIXEL_DECODER_REGISTRY
 
 NUM_MULTI_SCALE_FEATURES = 3  # the transformer decoder always reads three scales
@@ -41,29 +42,34 @@ def add_fpn_level(module: nn.Module, idx: int, in_channels: int, conv_dim: int, 
     return lateral, output
 
 
-def upsample_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def upsample_bilinear(x: torch.Tensor, size: Sequence[int], scratch_owner: Optional[nn.Module] = None):
     """F.interpolate(x, size, mode="bilinear", align_corners=False), with the same values.
 
     For a channels-last ``x`` (the deformable encoder's tokens viewed as a map) torch computes
     the result channels-last and then spends ~25x the interpolation's time copying it into an
-    NCHW tensor; without autograd the result is written channels-last directly instead.
+    NCHW tensor; without autograd the result is written channels-last directly instead, into a
+    scratch buffer of ``scratch_owner`` when given (the result must then not outlive the call).
     """
     size = tuple(int(v) for v in size)
     channels_innermost = x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
     if channels_innermost and not x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):
-        out = torch.empty((*x.shape[:2], *size), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last)
+        n, c = x.shape[:2]
+        if scratch_owner is not None and x.device.type == "cpu":
+            out = scratch_buffer(scratch_owner, "upsampled", (n, *size, c), x).permute(0, 3, 1, 2)
+        else:
+            out = torch.empty((n, c, *size), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         return torch.ops.aten.upsample_bilinear2d.out(x, size, False, None, None, out=out)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def fpn_merge(lateral: Conv2d, output: Conv2d, x, top, mode: str):
-    """Top-down step: lateral(x) + upsample(top) -> output conv."""
+def fpn_merge(lateral: Conv2d, output: Conv2d, x, top, mode: str, scratch_owner: Optional[nn.Module] = None):
+    """Top-down step: lateral(x) + upsample(top) -> output conv (see upsample_bilinear for
+    ``scratch_owner``)."""
     lat = lateral(x)
     if mode == "nearest":
         up = F.interpolate(top, size=lat.shape[-2:], mode="nearest")
     else:
-        up = upsample_bilinear(top, lat.shape[-2:])
+        up = upsample_bilinear(top, lat.shape[-2:], scratch_owner)
     # in place where autograd allows: the sum keeps lat's (NCHW) layout whatever up's, so the
     # output conv sees the layout it always sees
     return output(lat + up if lat.requires_grad else lat.add_(up))
