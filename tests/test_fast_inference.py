@@ -9,11 +9,15 @@ With the same op the two post-processings are bitwise equal. Across ops (compile
 the float rounding differs, so probabilities agree to the parity tolerance and discrete outputs
 (classes, segments) are equal.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from test_parity import MODELS, PIXEL_AGREEMENT, PROB_TOL, build_parity_model, canonical_panoptic, parity_cases
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TASK_SETS = [("panoptic",), ("instance",), ("panoptic", "instance"), ("panoptic", "instance", "semantic")]
 
@@ -316,3 +320,38 @@ def test_ffn_block_hidden_buffer_is_bitwise(shape):
         hidden.fill_(float("nan"))
         assert torch.equal(ffn_block(lin1, lin2, norm, drop, drop, torch.nn.functional.relu_, xt, hidden=hidden), want)
         assert hidden.isnan().all()
+
+
+def test_full_width_r50_fast_path_is_bitwise_plain():
+    """The official R50 COCO panoptic architecture at full widths (random weights and frozen-BN
+    statistics), so every fast-path piece runs: channel-blocked backbone (checked on the first
+    call, used on the second), fused frozen BN, decoder pixel selection, scratch buffers and the
+    selected post-processing. Both fast calls equal the plain path bit for bit."""
+    import mask2former as m2f
+    from mask2former.layers import blocked
+    from test_frozen_bn_act import randomise_frozen_bn
+
+    cfg = m2f.get_cfg()
+    cfg.merge_from_file(str(REPO_ROOT / "configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml"))
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+                         "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", 0.0])
+    torch.manual_seed(0)
+    model = randomise_frozen_bn(m2f.build_model(cfg).eval())
+    with torch.no_grad():
+        for p in model.sem_seg_head.predictor.class_embed.parameters():
+            p.mul_(20)  # confident classes, so segments and instances survive the thresholds
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 224, 320), generator=g).float()
+    inputs = [{"image": image, "height": 224, "width": 320}]
+    for tasks in (("panoptic",), ("instance",), ("panoptic", "instance", "semantic")):
+        set_tasks(model, tasks)
+        plain = run(model, inputs, False)[0]
+        fast = [run(model, inputs, True)[0] for _ in range(2)]
+        for out in fast:
+            assert_same(out, plain, exact=True)
+        if tasks == ("panoptic",):
+            assert len(plain["panoptic_seg"][1]) > 0
+        if tasks == ("instance",):
+            assert len(plain["instances"]) > 0
+    if blocked.block_size() is not None and m2f.ops.frozen_bn_act_compiled():
+        assert model.backbone._blocked_exact == {(1, 3, 224, 320): True}

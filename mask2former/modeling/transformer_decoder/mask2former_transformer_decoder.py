@@ -179,15 +179,13 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 _SELECTION_EXACT = {}
 
 
-def _read_pairs(n_in: int, n_out: int):
-    """Input indices that bilinear resizing (align_corners=False) of n_in -> n_out reads, as
-    consecutive pairs (one per output index, weights 1/2 each), or None unless n_in is an even
-    multiple (>= 4) of n_out."""
+def _read_factor(n_in: int, n_out: int):
+    """The factor of bilinear resizing n_in -> n_out (align_corners=False) when each output index
+    reads its own two inputs with weights 1/2 (factor*i + factor/2 - 1 and the next), i.e. n_in
+    is an even multiple (>= 4) of n_out; else None."""
     if n_out <= 0 or n_in % n_out or (n_in // n_out) % 2 or n_in // n_out < 4:
         return None
-    factor = n_in // n_out
-    first = torch.arange(n_out) * factor + (factor // 2 - 1)  # source position factor*i + factor/2 - 1/2
-    return torch.stack([first, first + 1], 1).flatten()
+    return n_in // n_out
 
 
 def attention_mask_pixels(mask_features, size):
@@ -195,9 +193,9 @@ def attention_mask_pixels(mask_features, size):
     ``size`` (h, w) reads: (N, C, 2h, 2w), in which each output pixel reads its own 2x2 block with
     the same weights (1/2), so downsampling it to (h, w) gives the same values. None when the
     factors are not even integers >= 4 (then it saves nothing or does not apply)."""
-    rows = _read_pairs(mask_features.shape[-2], size[0])
-    cols = _read_pairs(mask_features.shape[-1], size[1])
-    if rows is None or cols is None:
+    (n, c, hh, ww), (h, w) = mask_features.shape, size
+    fy, fx = _read_factor(hh, h), _read_factor(ww, w)
+    if fy is None or fx is None:
         return None
-    dev = mask_features.device
-    return mask_features.index_select(-2, rows.to(dev)).index_select(-1, cols.to(dev))
+    blocks = mask_features.unflatten(3, (w, fx)).unflatten(2, (h, fy))  # (N, C, h, fy, w, fx)
+    return blocks[:, :, :, fy // 2 - 1: fy // 2 + 1, :, fx // 2 - 1: fx // 2 + 1].reshape(n, c, 2 * h, 2 * w)
