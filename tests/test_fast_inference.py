@@ -355,3 +355,17 @@ def test_full_width_r50_fast_path_is_bitwise_plain():
             assert len(plain["instances"]) > 0
     if blocked.block_size() is not None and m2f.ops.frozen_bn_act_compiled():
         assert model.backbone._blocked_exact == {(1, 3, 224, 320): True}
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 7, 9), (2, 8, 6, 5)])
+def test_add_across_layouts(shape):
+    from mask2former.modeling.pixel_decoder.fpn import add_across_layouts_
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(shape, generator=g)
+    other = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+    want = out + other
+    got = add_across_layouts_(out.clone(), other)
+    assert torch.equal(got, want) and got.is_contiguous()
+    same = torch.randn(shape, generator=g)
+    assert torch.equal(add_across_layouts_(out.clone(), same), out + same)

@@ -72,7 +72,19 @@ def fpn_merge(lateral: Conv2d, output: Conv2d, x, top, mode: str, scratch_owner:
         up = upsample_bilinear(top, lat.shape[-2:], scratch_owner)
     # in place where autograd allows: the sum keeps lat's (NCHW) layout whatever up's, so the
     # output conv sees the layout it always sees
-    return output(lat + up if lat.requires_grad else lat.add_(up))
+    return output(lat + up if lat.requires_grad else add_across_layouts_(lat, up))
+
+
+def add_across_layouts_(out: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """out += other, for an NCHW ``out`` and a channels-last ``other`` (N, C, H, W). In one
+    sweep each element of ``other`` lies on a cache line that was evicted long before its
+    neighbouring channels are read; two image rows at a time keep those lines in cache (~3x
+    faster at 256x200x304). Same elementwise sums."""
+    if out.dim() != 4 or not out.is_contiguous() or other.is_contiguous() or other.shape != out.shape:
+        return out.add_(other)
+    for r in range(0, out.shape[2], 2):
+        out[:, :, r: r + 2].add_(other[:, :, r: r + 2])
+    return out
 
 
 def sorted_by_stride(input_shape: Dict[str, ShapeSpec]):
