@@ -77,6 +77,7 @@ def test_resnet_blocked_path_only_when_allowed(block):
     with torch.no_grad():
         assert model._blocked_allowed(x)
         assert not model._blocked_allowed(x.double())
+        assert not model._blocked_allowed(x.contiguous(memory_format=torch.channels_last))
         model.fast_inference = False
         assert not model._blocked_allowed(x)
         model.fast_inference = True

@@ -5,7 +5,8 @@ The schemas and device kernels are defined in C++ (``csrc/``); this module adds 
 
 * fake (meta) kernels, which give output shapes without touching data;
 * the autograd formula, which calls ``mask2former::ms_deform_attn_backward``
-  (``frozen_bn_act`` is inference-only and has none).
+  (``frozen_bn_act`` is inference-only and has none; ``ms_deform_attn_offsets`` is
+  inference-only too, and refuses inputs that need gradients rather than return none).
 
 The C++ library names this module with ``set_python_module``, so torch can import it by itself
 (e.g. when an exported program using the op is loaded). ``_extension`` calls
@@ -14,7 +15,7 @@ The C++ library names this module with ``set_python_module``, so torch can impor
 import torch
 
 from .frozen_bn import check_frozen_bn_act_shapes
-from .ms_deform_attn import check_ms_deform_attn_shapes
+from .ms_deform_attn import check_ms_deform_attn_offsets_shapes, check_ms_deform_attn_shapes
 
 __all__ = ["ensure_registered"]
 
@@ -58,6 +59,31 @@ def ensure_registered():
         )
 
     torch.library.register_autograd("mask2former::ms_deform_attn", _backward, setup_context=_setup_context)
+
+    @torch.library.register_fake("mask2former::ms_deform_attn_offsets")
+    def _ms_deform_attn_offsets_fake(
+        value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
+    ):
+        check_ms_deform_attn_offsets_shapes(
+            value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
+        )
+        n, _, m, d = value.shape
+        return value.new_empty((n, sampling_offsets.shape[1], m * d))
+
+    def _offsets_setup_context(ctx, inputs, output):
+        # Only called when an input requires grad under grad mode. Without this, torch would
+        # warn and silently give no gradient.
+        raise RuntimeError(
+            "mask2former::ms_deform_attn_offsets is inference-only (no autograd); use "
+            "mask2former.ops.ms_deform_attn_from_offsets, which runs ms_deform_attn when gradients are needed"
+        )
+
+    def _offsets_backward(ctx, grad_output):
+        raise AssertionError("unreachable: _offsets_setup_context raises")
+
+    torch.library.register_autograd(
+        "mask2former::ms_deform_attn_offsets", _offsets_backward, setup_context=_offsets_setup_context
+    )
 
     def _check_frozen_bn_act(x, weight, bias, running_mean, running_var, residual):
         check_frozen_bn_act_shapes(x, weight, bias, running_mean, running_var, residual)

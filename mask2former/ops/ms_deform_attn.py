@@ -5,10 +5,17 @@ Shape legend:
     M  attention heads       D  channels per head
     Lq number of queries     L  feature levels          P  sampling points per level
 
-``ms_deform_attn`` is the entry point the model calls. It runs the compiled operator
-``torch.ops.mask2former.ms_deform_attn`` (C++ CPU kernel; CUDA kernel when built, see
-``_extension``) when available, else ``ms_deform_attn_reference``, the plain implementation
-every fast path is tested against. Both paths support autograd.
+``ms_deform_attn`` runs the compiled operator ``torch.ops.mask2former.ms_deform_attn`` (C++ CPU
+kernel; CUDA kernel when built, see ``_extension``) when available, else
+``ms_deform_attn_reference``, the plain implementation every fast path is tested against. Both
+paths support autograd.
+
+``ms_deform_attn_from_offsets`` is the entry point ``MSDeformAttn`` calls: it takes reference
+points and per-level pixel offsets instead of locations. Without autograd on CPU it runs the
+inference-only ``mask2former::ms_deform_attn_offsets``, which computes each location inside the
+kernel (bitwise the same result, without two (N, Lq, M, L, P, 2) temporaries); otherwise it
+computes the locations with torch (``sampling_locations_from_offsets``) and calls
+``ms_deform_attn``.
 """
 from typing import Sequence
 
@@ -22,6 +29,9 @@ __all__ = [
     "ms_deform_attn_reference",
     "check_ms_deform_attn_inputs",
     "check_ms_deform_attn_shapes",
+    "check_ms_deform_attn_offsets_shapes",
+    "ms_deform_attn_from_offsets",
+    "sampling_locations_from_offsets",
 ]
 
 # dtypes the compiled kernels implement, per device type; others run the reference.
@@ -34,6 +44,32 @@ _COMPILED_DTYPES = {
 def check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Validate ranks, sizes and dtypes without reading tensor data (usable on fake tensors and
     under torch.compile); raise ValueError naming the offending argument."""
+    _check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                  "sampling_locations")
+
+
+def check_ms_deform_attn_offsets_shapes(
+    value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
+):
+    """``check_ms_deform_attn_shapes`` for the arguments of ``mask2former::ms_deform_attn_offsets``:
+    sampling_offsets (N, Lq, M, L, P, 2) take the place of the locations, and reference_points
+    must be (N, Lq, L, 2) (any strides) of value's dtype and device. Raises ValueError naming the
+    offending argument."""
+    _check_shapes(value, spatial_shapes, level_start_index, sampling_offsets, attention_weights, "sampling_offsets")
+    n, lq, _, nl, _, _ = sampling_offsets.shape
+    if tuple(reference_points.shape) != (n, lq, nl, 2):
+        raise ValueError(
+            f"reference_points must be (N, Lq, L, 2) = {(n, lq, nl, 2)}; got shape {tuple(reference_points.shape)}"
+        )
+    if reference_points.dtype != value.dtype or reference_points.device != value.device:
+        raise ValueError(
+            f"reference_points must have value's dtype and device ({value.dtype}, {value.device}); "
+            f"got {reference_points.dtype}, {reference_points.device}"
+        )
+
+
+def _check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, loc_name):
+    # loc_name: what the caller calls its (N, Lq, M, L, P, 2) argument, for the messages
     if value.dim() != 4:
         raise ValueError(f"value must be (N, S, M, D); got shape {tuple(value.shape)}")
     if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
@@ -44,9 +80,7 @@ def check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampli
             f"got shape {tuple(level_start_index.shape)}"
         )
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
-        raise ValueError(
-            f"sampling_locations must be (N, Lq, M, L, P, 2); got shape {tuple(sampling_locations.shape)}"
-        )
+        raise ValueError(f"{loc_name} must be (N, Lq, M, L, P, 2); got shape {tuple(sampling_locations.shape)}")
     if attention_weights.dim() != 5:
         raise ValueError(
             f"attention_weights must be (N, Lq, M, L, P); got shape {tuple(attention_weights.shape)}"
@@ -55,7 +89,7 @@ def check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampli
     n2, lq, m2, nl, p, _ = sampling_locations.shape
     if (n2, m2, nl) != (n, m, spatial_shapes.shape[0]):
         raise ValueError(
-            f"sampling_locations {tuple(sampling_locations.shape)} disagrees with value "
+            f"{loc_name} {tuple(sampling_locations.shape)} disagrees with value "
             f"{tuple(value.shape)} / spatial_shapes (L={spatial_shapes.shape[0]}) in N, M or L"
         )
     if tuple(attention_weights.shape) != (n, lq, m, nl, p):
@@ -64,12 +98,12 @@ def check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampli
         )
     if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
         raise ValueError(
-            "value, sampling_locations and attention_weights must share a dtype; got "
+            f"value, {loc_name} and attention_weights must share a dtype; got "
             f"{value.dtype}, {sampling_locations.dtype}, {attention_weights.dtype}"
         )
     if not (value.device == sampling_locations.device == attention_weights.device):
         raise ValueError(
-            "value, sampling_locations and attention_weights must be on one device; got "
+            f"value, {loc_name} and attention_weights must be on one device; got "
             f"{value.device}, {sampling_locations.device}, {attention_weights.device}"
         )
     for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
@@ -151,3 +185,85 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
             attention_weights.contiguous(),
         )
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def sampling_locations_from_offsets(reference_points, sampling_offsets, spatial_shapes):
+    """The plain computation of the sampling locations: ``reference_points`` (N, Lq, L, 2), or
+    broadcastable to it, plus ``sampling_offsets`` (N, Lq, M, L, P, 2) in pixels of each level
+    divided by the level's (W, H). Returns (N, Lq, M, L, P, 2).
+
+    The level sizes are converted to the promoted dtype of the two inputs, which is that of the
+    query the offsets were predicted from (in float32 even when autocast made the offsets
+    float16 / bfloat16: a size like 304 has no exact bfloat16)."""
+    dtype = torch.promote_types(sampling_offsets.dtype, reference_points.dtype)
+    normalizer = spatial_shapes.flip(-1).to(device=sampling_offsets.device, dtype=dtype)
+    return reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None, :]
+
+
+def _uses_offsets_op(value, spatial_shapes, level_start_index, reference_points, sampling_offsets,
+                     attention_weights) -> bool:
+    """Whether ``ms_deform_attn_from_offsets`` can run ``mask2former::ms_deform_attn_offsets``:
+    CPU tensors of one compiled dtype, no autograd (the op has none), and the compiled kernel."""
+    dtype = value.dtype
+    if dtype not in _COMPILED_DTYPES["cpu"]:
+        return False
+    for t in (value, reference_points, sampling_offsets, attention_weights):
+        if t.device.type != "cpu" or t.dtype != dtype:
+            return False
+    if spatial_shapes.device.type != "cpu" or level_start_index.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and any(
+        t.requires_grad for t in (value, reference_points, sampling_offsets, attention_weights)
+    ):
+        return False
+    return _extension.compiled_available("cpu")
+
+
+def ms_deform_attn_from_offsets(
+    value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights, fused=True
+):
+    """``ms_deform_attn`` at the locations ``sampling_locations_from_offsets(reference_points,
+    sampling_offsets, spatial_shapes)``, bitwise equal to computing them with torch and calling
+    ``ms_deform_attn``.
+
+    value (N, S, M, D); spatial_shapes (L, 2) (H, W); level_start_index (L,);
+    reference_points (N, Lq, L, 2) normalised (x, y), or broadcastable to it (an expanded view
+    costs nothing); sampling_offsets (N, Lq, M, L, P, 2) in pixels of each level;
+    attention_weights (N, Lq, M, L, P). Returns (N, Lq, M*D).
+
+    CPU float32 / float64 inputs of one dtype without autograd (grad mode off, or no input
+    requires grad) run ``mask2former::ms_deform_attn_offsets`` when it is compiled: it divides
+    and adds per sample inside the kernel, with torch's rounding (an IEEE division, then an
+    addition), instead of materialising the locations. Everything else, and ``fused=False``,
+    computes the locations with torch.
+    """
+    if fused and _uses_offsets_op(value, spatial_shapes, level_start_index, reference_points, sampling_offsets,
+                                  attention_weights):
+        reference_points = _broadcast_reference_points(reference_points, sampling_offsets)
+        check_ms_deform_attn_offsets_shapes(
+            value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
+        )
+        if not torch.compiler.is_compiling():
+            _check_level_sizes(value, spatial_shapes)
+        return torch.ops.mask2former.ms_deform_attn_offsets(
+            value.contiguous(),
+            spatial_shapes.to(torch.int64).contiguous(),
+            level_start_index.to(torch.int64).contiguous(),
+            reference_points,  # any strides: the kernel indexes it with them
+            sampling_offsets.contiguous(),
+            attention_weights.contiguous(),
+        )
+    locations = sampling_locations_from_offsets(reference_points, sampling_offsets, spatial_shapes)
+    return ms_deform_attn(value, spatial_shapes, level_start_index, locations, attention_weights)
+
+
+def _broadcast_reference_points(reference_points, sampling_offsets):
+    """reference_points expanded to (N, Lq, L, 2) where it broadcasts to that shape (the torch
+    path broadcasts it); anything else is returned as is, for the shape check to reject."""
+    if reference_points.dim() != 4 or sampling_offsets.dim() != 6:
+        return reference_points
+    n, lq, _, nl, _, two = sampling_offsets.shape
+    target = (n, lq, nl, two)
+    if all(r in (1, t) for r, t in zip(reference_points.shape, target)):
+        return reference_points.expand(target)
+    return reference_points

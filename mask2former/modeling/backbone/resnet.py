@@ -286,7 +286,7 @@ class ResNet(Backbone):
         if torch.compiler.is_compiling():  # opaque tensors and raw memory views do not trace
             return False
         if not (self.fast_inference and not self.training and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.is_grad_enabled() and frozen_bn_act_compiled()):
+                and x.is_contiguous() and not torch.is_grad_enabled() and frozen_bn_act_compiled()):
             return False
         b = block_size()
         if b is None:

@@ -36,7 +36,8 @@ void check_ms_deform_attn_inputs(
     const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights,
-    const char* op_name) {
+    const char* op_name,
+    const char* locations_arg) {
   TORCH_CHECK_VALUE(value.dim() == 4, op_name, ": value must be (N, S, M, D); got shape ", shape_str(value));
   TORCH_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2, op_name,
                     ": spatial_shapes must be (L, 2); got shape ", shape_str(spatial_shapes));
@@ -50,7 +51,7 @@ void check_ms_deform_attn_inputs(
   TORCH_CHECK_VALUE(sampling_locations.dim() == 6 && sampling_locations.size(0) == N &&
                         sampling_locations.size(2) == M && sampling_locations.size(3) == L &&
                         sampling_locations.size(5) == 2,
-                    op_name, ": sampling_locations must be (N, Lq, M, L, P, 2) with N=", N, ", M=", M, ", L=", L,
+                    op_name, ": ", locations_arg, " must be (N, Lq, M, L, P, 2) with N=", N, ", M=", M, ", L=", L,
                     "; got shape ", shape_str(sampling_locations));
   const int64_t Lq = sampling_locations.size(1), P = sampling_locations.size(4);
   TORCH_CHECK_VALUE(attention_weights.sizes() == at::IntArrayRef({N, Lq, M, L, P}), op_name,
@@ -60,17 +61,38 @@ void check_ms_deform_attn_inputs(
                     ": value must be a floating-point tensor; got ", value.scalar_type());
   TORCH_CHECK_VALUE(value.scalar_type() == sampling_locations.scalar_type() &&
                         value.scalar_type() == attention_weights.scalar_type(),
-                    op_name, ": value, sampling_locations and attention_weights must share a dtype; got ",
+                    op_name, ": value, ", locations_arg, " and attention_weights must share a dtype; got ",
                     value.scalar_type(), ", ", sampling_locations.scalar_type(), ", ",
                     attention_weights.scalar_type());
   TORCH_CHECK(value.device() == sampling_locations.device() && value.device() == attention_weights.device(),
-              op_name, ": value, sampling_locations and attention_weights must be on one device; got ",
+              op_name, ": value, ", locations_arg, " and attention_weights must be on one device; got ",
               value.device(), ", ", sampling_locations.device(), ", ", attention_weights.device());
   check_contiguous(value, "value", op_name);
-  check_contiguous(sampling_locations, "sampling_locations", op_name);
+  check_contiguous(sampling_locations, locations_arg, op_name);
   check_contiguous(attention_weights, "attention_weights", op_name);
   check_contiguous(spatial_shapes, "spatial_shapes", op_name);
   check_contiguous(level_start_index, "level_start_index", op_name);
+}
+
+void check_ms_deform_attn_offsets_inputs(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& reference_points,
+    const at::Tensor& sampling_offsets,
+    const at::Tensor& attention_weights,
+    const char* op_name) {
+  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_offsets, attention_weights, op_name,
+                              "sampling_offsets");
+  const int64_t N = value.size(0), Lq = sampling_offsets.size(1), L = spatial_shapes.size(0);
+  TORCH_CHECK_VALUE(reference_points.sizes() == at::IntArrayRef({N, Lq, L, 2}), op_name,
+                    ": reference_points must be (N, Lq, L, 2) = [", N, ", ", Lq, ", ", L,
+                    ", 2] (any strides, e.g. an expanded view); got shape ", shape_str(reference_points));
+  TORCH_CHECK_VALUE(reference_points.scalar_type() == value.scalar_type(), op_name,
+                    ": reference_points must have value's dtype ", value.scalar_type(), "; got ",
+                    reference_points.scalar_type());
+  TORCH_CHECK(reference_points.device() == value.device(), op_name, ": reference_points must be on ",
+              value.device(), " (the device of value); got ", reference_points.device());
 }
 
 void check_level_metadata(
@@ -109,6 +131,13 @@ TORCH_LIBRARY(mask2former, m) {
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
       "-> (Tensor grad_value, Tensor grad_sampling_locations, Tensor grad_attention_weights)",
+      {at::Tag::pt2_compliant_tag});
+  // Inference-only forward (no autograd) that takes the locations as reference_points (N, Lq, L, 2),
+  // any strides, plus sampling_offsets (N, Lq, M, L, P, 2) in pixels of each level, and computes
+  // reference + offset / (W_l, H_l) on the fly: bitwise ms_deform_attn of those locations.
+  m.def(
+      "ms_deform_attn_offsets(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor reference_points, Tensor sampling_offsets, Tensor attention_weights) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // Inference-only FrozenBatchNorm2d (+ residual) (+ ReLU) in one pass; no autograd. The
   // trailing-underscore variant writes into x and returns nothing (functionalization does not

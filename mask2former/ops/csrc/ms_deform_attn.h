@@ -19,12 +19,25 @@ namespace mask2former {
 
 // Ranks, sizes, dtypes, devices and contiguity of the five inputs; device independent and
 // never reads tensor data. Raises c10::Error (ValueError / RuntimeError in Python) naming the
-// offending argument and the expected shape.
+// offending argument and the expected shape. locations_arg names the fourth argument in the
+// messages (ms_deform_attn_offsets passes its sampling_offsets, which have the same shape).
 void check_ms_deform_attn_inputs(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights,
+    const char* op_name,
+    const char* locations_arg = "sampling_locations");
+
+// The same for ms_deform_attn_offsets: sampling_offsets as sampling_locations above, and
+// reference_points (N, Lq, L, 2) of value's dtype and device, with any strides.
+void check_ms_deform_attn_offsets_inputs(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& reference_points,
+    const at::Tensor& sampling_offsets,
     const at::Tensor& attention_weights,
     const char* op_name);
 
@@ -42,6 +55,17 @@ at::Tensor ms_deform_attn_forward_cpu(
     const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights);
+
+// ms_deform_attn of the locations reference_points[:, :, None, :, None, :] + sampling_offsets /
+// (W_l, H_l), computed in the kernel (inference only, no autograd). reference_points (N, Lq, L, 2)
+// with any strides; sampling_offsets (N, Lq, M, L, P, 2) contiguous, in pixels of each level.
+at::Tensor ms_deform_attn_offsets_forward_cpu(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& reference_points,
+    const at::Tensor& sampling_offsets,
     const at::Tensor& attention_weights);
 
 // Returns (grad_value, grad_sampling_locations, grad_attention_weights).

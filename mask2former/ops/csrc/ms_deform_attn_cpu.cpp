@@ -1,4 +1,5 @@
-// CPU implementation of mask2former::ms_deform_attn and its backward.
+// CPU implementation of mask2former::ms_deform_attn, its backward and the inference-only
+// mask2former::ms_deform_attn_offsets.
 //
 // Portability: the kernels in ms_deform_attn_cpu_kernel.h are compiled once per instruction
 // set and picked at run time (see cpu_isa.h).
@@ -72,11 +73,13 @@ struct Kernels;
 template <>
 struct Kernels<float> {
   static KernelFn<float> forward(Isa isa) { return M2F_PICK(isa, forward_f32); }
+  static KernelFn<float> forward_offsets(Isa isa) { return M2F_PICK(isa, forward_offsets_f32); }
   static KernelFn<float> backward(Isa isa) { return M2F_PICK(isa, backward_f32); }
 };
 template <>
 struct Kernels<double> {
   static KernelFn<double> forward(Isa isa) { return M2F_PICK(isa, forward_f64); }
+  static KernelFn<double> forward_offsets(Isa isa) { return M2F_PICK(isa, forward_offsets_f64); }
   static KernelFn<double> backward(Isa isa) { return M2F_PICK(isa, backward_f64); }
 };
 #undef M2F_PICK
@@ -154,6 +157,39 @@ at::Tensor ms_deform_attn_forward_cpu(
   return output;
 }
 
+at::Tensor ms_deform_attn_offsets_forward_cpu(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& reference_points,
+    const at::Tensor& sampling_offsets,
+    const at::Tensor& attention_weights) {
+  constexpr const char* op = "mask2former::ms_deform_attn_offsets";
+  check_ms_deform_attn_offsets_inputs(value, spatial_shapes, level_start_index, reference_points, sampling_offsets,
+                                      attention_weights, op);
+  check_cpu(value, "value", op);
+  check_cpu(spatial_shapes, "spatial_shapes", op);
+  check_cpu(level_start_index, "level_start_index", op);
+  check_level_metadata(spatial_shapes, level_start_index, value.size(1), op);
+  const int64_t N = value.size(0), M = value.size(2), D = value.size(3);
+  const int64_t Lq = sampling_offsets.size(1);
+  auto output = at::empty({N, Lq, M * D}, value.options());
+  const Isa isa = active_isa();
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_offsets_forward_cpu", [&] {
+    // sampling_offsets take the place of sampling_locations (same shape); the kernel reads them
+    // through a.sampling_offsets only.
+    auto a = make_args<scalar_t>(value, spatial_shapes, level_start_index, sampling_offsets, attention_weights);
+    a.sampling_locations = nullptr;
+    a.sampling_offsets = sampling_offsets.const_data_ptr<scalar_t>();
+    a.reference_points = reference_points.const_data_ptr<scalar_t>();
+    for (int i = 0; i < 4; ++i) a.ref_strides[i] = reference_points.stride(i);
+    a.output = output.mutable_data_ptr<scalar_t>();
+    const auto fn = Kernels<scalar_t>::forward_offsets(isa);
+    at::parallel_for(0, N * Lq, 16, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  });
+  return output;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output,
     const at::Tensor& value,
@@ -216,4 +252,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
 TORCH_LIBRARY_IMPL(mask2former, CPU, m) {
   m.impl("ms_deform_attn", &mask2former::ms_deform_attn_forward_cpu);
   m.impl("ms_deform_attn_backward", &mask2former::ms_deform_attn_backward_cpu);
+  m.impl("ms_deform_attn_offsets", &mask2former::ms_deform_attn_offsets_forward_cpu);
 }

@@ -19,6 +19,11 @@ struct MSDAArgs {
   const int64_t* level_start_index;  // (L,)
   const T* sampling_locations;       // (N, Lq, M, L, P, 2), contiguous
   const T* attention_weights;        // (N, Lq, M, L, P), contiguous
+  // forward from offsets (ms_deform_attn_offsets), used instead of sampling_locations:
+  //   location[n, q, m, l, p] = reference_points[n, q, l] + sampling_offsets[n, q, m, l, p] / (W_l, H_l)
+  const T* reference_points = nullptr;  // (N, Lq, L, 2), any strides (in elements) ...
+  int64_t ref_strides[4] = {0, 0, 0, 0};  // ... given here, e.g. 0 for an expanded dim
+  const T* sampling_offsets = nullptr;  // (N, Lq, M, L, P, 2), contiguous
   // forward
   T* output = nullptr;  // (N, Lq, M, D), contiguous
   // backward

@@ -130,19 +130,61 @@ inline void accumulate_rows(const T* __restrict vbase, const int64_t* offs, cons
 // Forward. Work items are (n, q) pairs, item = n * Lq + q; each writes out[n, q, :, :] only.
 // For every head the in-bounds corners of its L * P samples are collected first (scalar
 // index/weight arithmetic), then accumulated row by row (vector FMAs over D).
+//
+// kOffsets (ms_deform_attn_offsets): the locations are not read from memory but computed per
+// head as reference + offset / (W_l, H_l), the expression the Python side would evaluate with
+// torch: an IEEE division (not a multiplication by the reciprocal, which rounds differently)
+// and then an addition, each rounded to T. Everything after that is this same code, so the
+// output is bitwise what ms_deform_attn gives for torch's locations, without the two
+// (N, Lq, M, L, P, 2) temporaries and their passes over memory.
 
-template <typename T, int DC>
+template <typename T, int DC, bool kOffsets>
 void forward_items(const MSDAArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t D = DC > 0 ? DC : a.D;
   const int64_t M = a.M, L = a.L, P = a.P, LP = a.L * a.P;
   const int64_t row_stride = a.row_stride;
   std::vector<int64_t> offs(static_cast<size_t>(LP * 4));
   std::vector<T> wts(static_cast<size_t>(LP * 4));
+  // kOffsets: one head's offsets are (L, P, 2); the divisor and the reference coordinate of each
+  // of those 2LP numbers are laid out the same way, so the locations are one flat loop that
+  // vectorises.
+  const size_t loc_len = kOffsets ? static_cast<size_t>(LP * 2) : 0;
+  std::vector<T> divisor(loc_len), ref_rep(loc_len), loc_buf(loc_len);
+  if constexpr (kOffsets) {
+    for (int64_t l = 0; l < L; ++l) {
+      for (int64_t p = 0; p < P; ++p) {
+        divisor[2 * (l * P + p)] = static_cast<T>(a.spatial_shapes[2 * l + 1]);  // x / W
+        divisor[2 * (l * P + p) + 1] = static_cast<T>(a.spatial_shapes[2 * l]);  // y / H
+      }
+    }
+  }
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / a.Lq;
+    if constexpr (kOffsets) {
+      const int64_t q = item - n * a.Lq;
+      const int64_t* st = a.ref_strides;
+      const T* ref = a.reference_points + n * st[0] + q * st[1];
+      for (int64_t l = 0; l < L; ++l) {
+        const T rx = ref[l * st[2]], ry = ref[l * st[2] + st[3]];
+        for (int64_t p = 0; p < P; ++p) {
+          ref_rep[2 * (l * P + p)] = rx;
+          ref_rep[2 * (l * P + p) + 1] = ry;
+        }
+      }
+    }
     for (int64_t m = 0; m < M; ++m) {
       const int64_t row = item * M + m;  // index of (n, q, m)
-      const T* loc = a.sampling_locations + row * LP * 2;
+      const T* loc;
+      if constexpr (kOffsets) {
+        const T* __restrict off = a.sampling_offsets + row * LP * 2;
+        const T* __restrict rr = ref_rep.data();
+        const T* __restrict dv = divisor.data();
+        T* __restrict lb = loc_buf.data();
+        for (int64_t i = 0; i < 2 * LP; ++i) lb[i] = rr[i] + off[i] / dv[i];
+        loc = lb;
+      } else {
+        loc = a.sampling_locations + row * LP * 2;
+      }
       const T* aw = a.attention_weights + row * LP;
       const T* __restrict vbase = a.value + n * a.batch_stride + m * a.head_stride;
       int64_t k = 0;
@@ -296,13 +338,13 @@ void backward_items(const MSDAArgs<T>& a, int64_t begin, int64_t end) {
 }
 
 // Entry points: choose a compile-time D for the common head sizes.
-template <typename T>
+template <typename T, bool kOffsets = false>
 void forward(const MSDAArgs<T>& a, int64_t begin, int64_t end) {
   switch (a.D) {
-    case 16: return forward_items<T, 16>(a, begin, end);
-    case 32: return forward_items<T, 32>(a, begin, end);
-    case 64: return forward_items<T, 64>(a, begin, end);
-    default: return forward_items<T, 0>(a, begin, end);
+    case 16: return forward_items<T, 16, kOffsets>(a, begin, end);
+    case 32: return forward_items<T, 32, kOffsets>(a, begin, end);
+    case 64: return forward_items<T, 64, kOffsets>(a, begin, end);
+    default: return forward_items<T, 0, kOffsets>(a, begin, end);
   }
 }
 
@@ -319,5 +361,7 @@ void backward(const MSDAArgs<T>& a, int64_t begin, int64_t end) {
 // Non-template symbols the dispatcher takes the address of.
 inline void forward_f32(const MSDAArgs<float>& a, int64_t b, int64_t e) { forward<float>(a, b, e); }
 inline void forward_f64(const MSDAArgs<double>& a, int64_t b, int64_t e) { forward<double>(a, b, e); }
+inline void forward_offsets_f32(const MSDAArgs<float>& a, int64_t b, int64_t e) { forward<float, true>(a, b, e); }
+inline void forward_offsets_f64(const MSDAArgs<double>& a, int64_t b, int64_t e) { forward<double, true>(a, b, e); }
 inline void backward_f32(const MSDAArgs<float>& a, int64_t b, int64_t e) { backward<float>(a, b, e); }
 inline void backward_f64(const MSDAArgs<double>& a, int64_t b, int64_t e) { backward<double>(a, b, e); }
