@@ -4,6 +4,7 @@
     python benchmarks/bench_inference.py --tasks panoptic,instance,semantic --json out.json
     python benchmarks/bench_inference.py --profile             # top-15 ops by self CPU time
     python benchmarks/bench_inference.py --compare --iters 5   # side by side with transformers
+    python benchmarks/bench_inference.py --compile             # eager vs torch.compile (network only)
 
 Weights and the input image are seeded, so runs are comparable across commits. Results are
 recorded in benchmarks/RESULTS.md.
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write results as JSON")
     p.add_argument("--profile", action="store_true", help="also profile one call; print top-15 ops by self CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile(model.predict_padded) against the eager network (no post-processing)")
     p.add_argument("--compare", action="store_true",
                    help="also time transformers' Mask2Former (and the official code when importable)")
     p.add_argument("--peer-site", default=os.path.expanduser("~/.cache/mask2former-bench/site"),
@@ -276,6 +279,29 @@ def measure(name, fn, inputs, args):
             "peak_rss_mib": rss1, "peak_rss_delta_mib": rss1 - rss0}
 
 
+def compare_compile(model, inputs, args):
+    """Eager vs ``torch.compile`` (default inductor backend) of the network on the padded batch,
+    interleaved after the compiling first call; also the largest output difference."""
+    from mask2former.modeling.meta_arch.mask_former import pad_images
+
+    with torch.inference_mode():
+        batch, _ = pad_images(model.normalize(inputs), model.size_divisibility)
+        compiled = torch.compile(model.predict_padded)
+        t0 = time.perf_counter()
+        out_c = compiled(batch)
+        compile_s = time.perf_counter() - t0
+        out_e = model.predict_padded(batch)
+        diff = max((out_c[k] - out_e[k]).abs().max().item() for k in ("pred_logits", "pred_masks"))
+    times = time_interleaved([("eager", model.predict_padded, batch), ("compiled", compiled, batch)],
+                             args.warmup, args.iters)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\ntorch.compile of the network (predict_padded): first call {compile_s:.1f} s, max |compiled - eager| {diff:.2e}")
+    for k, v in times.items():
+        print(f"  {k:>8}: " + " ".join(f"{t:6.2f}" for t in v) + f" s | median {med[k]:6.2f} s")
+    print(f"  eager / compiled: {med['eager'] / med['compiled']:.2f}x")
+    return {"first_call_s": compile_s, "max_abs_diff": diff, "times_s": times, "median_s": med}
+
+
 def compare(model, inputs, args):
     """Ours and transformers' model timed in alternation (after ours was measured alone above, for
     its memory), then the official code in a subprocess when available; ratios = peer / ours."""
@@ -339,6 +365,8 @@ def main(argv=None):
     }
     if args.compare:
         results["compare"] = compare(model, inputs, args)
+    if args.compile:
+        results["compile"] = compare_compile(model, inputs, args)
     if args.profile:
         print("\ntop-15 ops by self CPU time (one call):")
         table = profile_model(model, inputs)
