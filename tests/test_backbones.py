@@ -62,7 +62,12 @@ def shapes(module: nn.Module):
 
 
 def resnet_cfg(**resnets) -> CfgNode:
-    cfg = load_cfg("panoptic")
+    """The repository's R50 COCO panoptic config (no parity data needed) with RESNETS overrides."""
+    from mask2former.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(str(Path(__file__).resolve().parents[1] / "configs/coco/panoptic-segmentation/"
+                            "maskformer2_R50_bs16_50ep.yaml"))
     cfg.defrost()
     full = dict(DEPTH=50, STEM_OUT_CHANNELS=64, RES2_OUT_CHANNELS=256, WIDTH_PER_GROUP=64, NORM="FrozenBN")
     full.update(resnets)
