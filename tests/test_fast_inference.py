@@ -276,7 +276,11 @@ def test_attention_mask_pixels_other_factors(size):
 
 
 def test_scratch_buffer_reuse_rules():
+    import copy
+    import gc
+    import pickle
     import threading
+    import weakref
 
     from mask2former.layers.scratch import scratch_buffer
 
@@ -294,11 +298,15 @@ def test_scratch_buffer_reuse_rules():
     assert not c.is_inference() and c is not b
     c.add_(1)  # writable outside inference mode
     other = []
-    t = threading.Thread(target=lambda: other.append(scratch_buffer(owner, "x", (4, 6), like)))
+    t = threading.Thread(target=lambda: other.append(weakref.ref(scratch_buffer(owner, "x", (4, 6), like))))
     t.start()
     t.join()
-    assert other[0] is not c  # one per thread
-    assert "_scratch_buffers" not in owner.state_dict() and not list(owner.buffers())
+    gc.collect()
+    assert other[0]() is None  # one per thread, released with it
+    assert scratch_buffer(owner, "x", (4, 6), like) is c
+    assert not list(owner.buffers()) and set(owner.state_dict()) == {"weight", "bias"}
+    copy.deepcopy(owner)  # the buffers live off the module: copying and pickling it still work
+    pickle.dumps(owner)
 
 
 @pytest.mark.parametrize("shape", [(1, 50, 16), (3, 7, 16)])

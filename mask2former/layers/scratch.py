@@ -7,6 +7,7 @@ Temporaries of that size that die within one call can instead be written into a 
 module keeps, whose pages are already mapped.
 """
 import threading
+import weakref
 from typing import Sequence
 
 import torch
@@ -14,13 +15,23 @@ from torch import nn
 
 __all__ = ["scratch_buffer"]
 
+# module -> threading.local holding its buffers: kept off the module itself, so copying or
+# pickling a module never carries them, and dropped with the module
+_per_module: "weakref.WeakKeyDictionary[nn.Module, threading.local]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
 
 def scratch_buffer(module: nn.Module, name: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor of ``shape`` with ``like``'s dtype and device, kept on ``module`` for
-    the next call (one per thread and per inference-mode state: inference tensors cannot be
-    written outside inference mode). Its contents are garbage; it must not outlive the call."""
-    store = module.__dict__.setdefault("_scratch_buffers", {})
-    key = (name, threading.get_ident(), torch.is_inference_mode_enabled())
+    the next call (one per thread, released when the thread ends, and per inference-mode state:
+    inference tensors cannot be written outside inference mode). Its contents are garbage; it
+    must not outlive the call."""
+    with _lock:
+        local = _per_module.get(module)
+        if local is None:
+            local = _per_module[module] = threading.local()
+    store = local.__dict__.setdefault("buffers", {})
+    key = (name, torch.is_inference_mode_enabled())
     buf = store.get(key)
     shape = tuple(int(s) for s in shape)
     if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
