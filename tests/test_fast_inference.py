@@ -377,3 +377,24 @@ def test_add_across_layouts(shape):
     assert torch.equal(got, want) and got.is_contiguous()
     same = torch.randn(shape, generator=g)
     assert torch.equal(add_across_layouts_(out.clone(), same), out + same)
+
+
+def test_fast_path_batch_of_two_is_bitwise(parity_dir):
+    """Two same-size images in one batch: per-head attention masks, batched selection check."""
+    from mask2former.modeling.transformer_decoder import mask2former_transformer_decoder as dec
+
+    dec._SELECTION_EXACT.clear()
+    model = build_parity_model(parity_dir, "panoptic")
+    first = parity_inputs(parity_dir, "panoptic")[0]
+    inputs = [first, dict(first, image=first["image"].flip(-1))]
+    set_tasks(model, TASK_SETS[-1])
+    outs = {}
+    for fast, key in ((False, "plain"), (True, "first"), (True, "second")):
+        model.fast_inference = fast
+        with torch.no_grad():
+            outs[key] = model(inputs)
+    for key in ("first", "second"):
+        for a, b in zip(outs[key], outs["plain"], strict=True):
+            assert_same(a, b, exact=True)
+    assert dec._SELECTION_EXACT and all(dec._SELECTION_EXACT.values())
+    assert all(k[2][0] == 2 for k in dec._SELECTION_EXACT)
