@@ -93,3 +93,59 @@ def test_corrupt_image_is_skipped_and_counted(small_synthetic, tmp_path):
     finally:
         with open(victim, "wb") as f:
             f.write(original)
+
+
+def _train_net(output_dir, seed, *extra, datasets_root):
+    """The real command line on the synthetic config, small enough for a test."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(CONFIG), *extra,
+           "SEED", str(seed), "SOLVER.MAX_ITER", "16", "SOLVER.CHECKPOINT_PERIOD", "4", "SOLVER.IMS_PER_BATCH", "2",
+           "DATALOADER.NUM_WORKERS", "0", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256", "DATASETS.TEST", "()",
+           "OUTPUT_DIR", str(output_dir)]
+    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=str(REPO))
+
+
+def _finish(proc):
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-3000:]
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_with_random_seed_reproduces_the_uninterrupted_run(small_synthetic, tmp_path):
+    """SEED -1 (every official config's default): a run killed with SIGKILL after a checkpoint and
+    resumed with --resume ends with bitwise the weights of an uninterrupted run with the seed the
+    first run drew (the checkpoint records it; before it did, the resumed run drew a new data seed)."""
+    import signal
+    import time
+
+    root, _ = small_synthetic
+    datasets_root = os.path.dirname(root)
+    run_a = tmp_path / "killed"
+    proc = _train_net(run_a, -1, datasets_root=datasets_root)
+    try:
+        deadline = time.time() + 300
+        while not (run_a / "last_checkpoint").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = (run_a / "last_checkpoint").read_text().strip()
+    assert killed_at != "model_final.pth" and not (run_a / "model_final.pth").exists()
+    _, meta = read_checkpoint(str(run_a / killed_at))
+    drawn = meta["seed"]
+    assert drawn >= 0
+
+    _finish(_train_net(run_a, -1, "--resume", datasets_root=datasets_root))
+    run_b = tmp_path / "straight"
+    _finish(_train_net(run_b, drawn, datasets_root=datasets_root))
+
+    a, meta_a = read_checkpoint(str(run_a / "model_final.pth"))
+    b, meta_b = read_checkpoint(str(run_b / "model_final.pth"))
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert meta_a["seed"] == meta_b["seed"] == drawn and meta_a["iteration"] == meta_b["iteration"] == 15

@@ -35,8 +35,8 @@ from iteration ``k`` on:
   dataset entries seen so far (after at least ``min(N, 50)``) were bad, or 100 draws in a row
   fail, a ``RuntimeError`` stops training.
 
-The trainer must therefore persist ``loader.seed`` (relevant when ``cfg.SEED < 0``) and the
-iteration number to resume exactly.
+To resume exactly, the trainer resolves ``SEED < 0`` to a drawn seed once, stores it in its
+checkpoints with the iteration number, and builds the loader with that seed as ``SEED``.
 
 Inference loader
 ================
@@ -47,9 +47,7 @@ most one). Bad samples raise: evaluation must see every image.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
-import os
 import pickle
 import random
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -60,6 +58,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..utils import comm
+from ..utils.rng import resolve_seed, seeded_global_rngs
 from .catalog import DatasetCatalog
 from .dataset_mappers import BadSampleError, build_mapper
 
@@ -195,7 +194,7 @@ class TrainingSampler(Sampler):
             raise ValueError(f"TrainingSampler needs a non-empty dataset, got size {size}")
         self.size = int(size)
         self.shuffle = shuffle
-        self.seed = _resolve_seed(seed)
+        self.seed = resolve_seed(seed, "data seed")
         self.rank = comm.get_rank() if rank is None else int(rank)
         self.world_size = comm.get_world_size() if world_size is None else int(world_size)
         self._perm_epoch = -1
@@ -280,26 +279,11 @@ class _BatchPlan:
 # --------------------------------------------------------------------------- #
 # Mapping with explicit randomness
 # --------------------------------------------------------------------------- #
-@contextlib.contextmanager
-def _seeded_global_rngs(seed: int):
-    """Seed Python's, NumPy's and torch's global RNGs; restore them afterwards."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
 def _call_mapper(mapper: Callable, d: dict, key: Sequence[int]):
     if getattr(mapper, "supports_rng", False):
         return mapper(d, rng=np.random.default_rng(list(key)))
     seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
-    with _seeded_global_rngs(seed):
+    with seeded_global_rngs(seed):
         return mapper(d)
 
 
@@ -408,16 +392,6 @@ class TrainLoader:
                 f"could not be loaded (by reason: {skipped_samples()}); check the dataset files "
                 "(see the warnings above for examples)"
             )
-
-
-def _resolve_seed(seed: Optional[int]) -> int:
-    if seed is not None and int(seed) >= 0:
-        return int(seed)
-    seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-    if comm.get_world_size() > 1:
-        seed = int(comm.all_gather(seed)[0])
-    logger.info(f"Using a random data seed {seed} (set SEED={seed} to reproduce this run)")
-    return seed
 
 
 def build_detection_train_loader(

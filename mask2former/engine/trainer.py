@@ -61,6 +61,7 @@ from torch import nn
 from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ..solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 from ..utils.comm import all_gather, get_rank, get_world_size, is_main_process, synchronize
+from ..utils.rng import get_rng_states, preserve_rng_states, resolve_seed, seed_all_rng, set_rng_states
 
 __all__ = [
     "Trainer",
@@ -113,61 +114,6 @@ def init_distributed(use_cuda: Optional[bool] = None) -> bool:
     logger.info("Joined process group: rank %d of %d (local rank %d, backend %s)",
                 dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
     return True
-
-
-def seed_all_rng(seed: Optional[int] = None) -> int:
-    """Seed python ``random``, numpy and torch (all devices); None draws a fresh seed. Returns it."""
-    if seed is None:
-        seed = (os.getpid() + int(datetime.datetime.now().strftime("%S%f"))
-                + int.from_bytes(os.urandom(2), "big")) % (2 ** 31)
-        logger.info("Using a randomly generated seed %d (set SEED >= 0 for a reproducible run)", seed)
-    seed = int(seed)
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
-    return seed
-
-
-def get_rng_states() -> Dict[str, Any]:
-    """This process' RNG states, as tensors and plain Python values (``weights_only``-loadable)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    states: Dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def set_rng_states(states: Mapping[str, Any]) -> None:
-    """Restore what :func:`get_rng_states` returned."""
-    py = states["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = states["numpy"]
-    keys = n["keys"].numpy() if isinstance(n["keys"], torch.Tensor) else np.asarray(n["keys"])
-    np.random.set_state((n["name"], keys.astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(states["torch"].cpu())
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"].cpu())
-
-
-@contextlib.contextmanager
-def preserve_rng_states():
-    """Run a block without it affecting the RNG streams seen afterwards."""
-    saved = get_rng_states()
-    try:
-        yield
-    finally:
-        set_rng_states(saved)
 
 
 # ----------------------------------------------------------------------------- files
@@ -354,7 +300,11 @@ class Trainer:
             write_text_atomic(os.path.join(self.output_dir, "config.yaml"), cfg.dump())
         synchronize()
 
-        self.seed = seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + self.rank)
+        # The run's seed: cfg.SEED, or one drawn now (shared by all ranks) when SEED < 0. It seeds
+        # the data loader and, plus the rank, the global RNGs; checkpoints store it, so a resumed
+        # run continues with the same data order whatever the config's SEED.
+        self.seed = resolve_seed(cfg.SEED)
+        seed_all_rng(self.seed + self.rank)
         logger.info("Rank %d of %d, seed %d", self.rank, self.world_size, self.seed)
 
         model = self._build_model(cfg)
@@ -453,6 +403,11 @@ class Trainer:
         return self._model_fn(cfg) if self._model_fn is not None else self.build_model(cfg)
 
     def _build_train_loader(self, cfg, start_iter: int) -> Iterable:
+        # the loader sees the run's resolved seed as SEED, so that a run started with SEED < 0
+        # and resumed draws the same batches
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.SEED = int(self.seed)
         if self._loader_fn is not None:
             return self._loader_fn(cfg, start_iter)
         return self.build_train_loader(cfg, start_iter)
@@ -542,6 +497,11 @@ class Trainer:
                                "(to start from weights only, set MODEL.WEIGHTS and do not resume)")
         self.optimizer.load_state_dict(meta["optimizer"])
         self.scheduler.load_state_dict(meta["scheduler"])
+        if "seed" in meta:
+            self.seed = int(meta["seed"])
+        elif self.cfg.SEED < 0:
+            logger.warning("%s does not record the run's seed (written by an older version) and SEED is %d: "
+                           "the resumed data order will not match the interrupted run's", path, self.cfg.SEED)
         if self.scaler is not None:
             if "scaler" in meta:
                 self.scaler.load_state_dict(meta["scaler"])
@@ -555,7 +515,7 @@ class Trainer:
             logger.warning("%s holds RNG states for world size %s, not %d: RNG streams are reseeded "
                            "instead, so the run will not match an uninterrupted one", path, saved_ws, self.world_size)
             self._pending_rng = None
-            seed_all_rng(self.seed + int(meta["iteration"]) + 1)
+            seed_all_rng(self.seed + self.rank + int(meta["iteration"]) + 1)
         self._last_saved = path
         return int(meta["iteration"])
 
@@ -568,6 +528,7 @@ class Trainer:
             "iteration": int(iteration),
             "rng_states": rng_states,
             "world_size": self.world_size,
+            "seed": int(self.seed),
         }
         if self.scaler is not None:
             data["scaler"] = self.scaler.state_dict()
