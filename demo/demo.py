@@ -36,7 +36,7 @@ except ImportError:  # running from a checkout: make the repository root importa
     sys.path.insert(0, _REPO_ROOT)
 
 from mask2former import get_cfg  # noqa: E402
-from mask2former.data.dataset_mappers import BadSampleError, _open_image  # noqa: E402
+from mask2former.data.image_io import read_image_8bit  # noqa: E402
 from mask2former.engine import Predictor  # noqa: E402
 from mask2former.engine.defaults import register_custom_datasets  # noqa: E402
 from mask2former.evaluation.instance_evaluation import instances_to_coco_json  # noqa: E402
@@ -178,21 +178,8 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-    """An (H, W, 3) uint8 BGR image, upright per its EXIF orientation. Grayscale is replicated to
-    3 channels, alpha is dropped, palettes are expanded, 16-bit images are scaled to 8 bits.
-    Raises OSError naming the file when it cannot be read or decoded."""
-    try:
-        img = _open_image(path)  # the dataset reader: decodes fully, applies EXIF orientation
-    except BadSampleError as e:
-        raise OSError(f"cannot read {path!r} as an image ({e.reason.replace('_', ' ')}: {e.detail})") from None
-    if img.mode.startswith("I") or img.mode == "F":
-        # 16-bit (mode I;16*, or I for some PNGs) and float grayscale: PIL's convert("RGB") would clip
-        arr = np.asarray(img).astype(np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        gray = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-    rgb = np.asarray(img.convert("RGB"))
-    return np.ascontiguousarray(rgb[:, :, ::-1])
+    """An (H, W, 3) uint8 BGR image, upright (see mask2former.data.image_io.read_image_8bit)."""
+    return read_image_8bit(path, "BGR")
 
 
 def output_paths(output: str, inputs: Sequence[str]) -> List[str]:

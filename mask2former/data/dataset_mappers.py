@@ -44,16 +44,25 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-from PIL import Image, ImageOps
 
 from ..structures import Boxes, Instances
 from .catalog import MetadataCatalog
+from .ids import rgb2id  # noqa: F401  (was defined here)
+from .image_io import (  # noqa: F401  (BadSampleError and the readers were defined here before)
+    BAD_ANNOTATION,
+    CORRUPT_FILE,
+    MISSING_FILE,
+    SIZE_MISMATCH,
+    BadSampleError,
+    open_image,
+    read_image,
+    read_label_map,
+)
 from . import transforms as T
 
 __all__ = [
@@ -70,84 +79,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Reasons used by BadSampleError (the keys of mask2former.data.build.skipped_samples()).
-MISSING_FILE = "missing_file"
-CORRUPT_FILE = "corrupt_file"
-SIZE_MISMATCH = "size_mismatch"
-BAD_ANNOTATION = "bad_annotation"
-
 TASKS = ("semantic", "panoptic", "instance")
-
-
-class BadSampleError(Exception):
-    """A sample that cannot be used: ``file`` is the offending file, ``reason`` one of
-    "missing_file", "corrupt_file", "size_mismatch", "bad_annotation"; ``detail`` says more."""
-
-    def __init__(self, file: str, reason: str, detail: str = ""):
-        self.file = str(file)
-        self.reason = reason
-        self.detail = detail
-        super().__init__(file, reason, detail)
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.file}" + (f" ({self.detail})" if self.detail else "")
-
-    def __reduce__(self):  # keep all three fields when sent from a DataLoader worker
-        return (type(self), (self.file, self.reason, self.detail))
-
-
-# --------------------------------------------------------------------------- #
-# Reading files
-# --------------------------------------------------------------------------- #
-def _open_image(file_name: str) -> Image.Image:
-    if not os.path.isfile(file_name):
-        raise BadSampleError(file_name, MISSING_FILE, "no such file")
-    try:
-        img = Image.open(file_name)
-        img.load()  # decode now, so that truncated / corrupt data fails here
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
-        raise BadSampleError(file_name, CORRUPT_FILE, f"{type(e).__name__}: {e}") from None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # malformed EXIF: use the pixels as stored
-        pass
-    return img
-
-
-def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:
-    """Read an image, honouring its EXIF orientation, as an HWC uint8 array.
-
-    ``format``: "BGR" or "RGB" (3 channels in that order), "L" (1 channel), any other PIL mode,
-    or None (the array as stored, e.g. a label PNG of mode L / P / I;16 -> (H, W)).
-    """
-    img = _open_image(file_name)
-    try:
-        if format is None:
-            return np.asarray(img)
-        if format in ("BGR", "RGB"):
-            arr = np.asarray(img.convert("RGB"))
-            return np.ascontiguousarray(arr[:, :, ::-1]) if format == "BGR" else arr
-        arr = np.asarray(img.convert(format))
-        return arr[:, :, None] if arr.ndim == 2 else arr
-    except BadSampleError:
-        raise
-    except Exception as e:
-        raise BadSampleError(file_name, CORRUPT_FILE, f"{type(e).__name__}: {e}") from None
-
-
-def read_label_map(file_name: str) -> np.ndarray:
-    """A single-channel label PNG (uint8 / uint16 / int32 / palette indices) as (H, W)."""
-    arr = read_image(file_name, None)
-    if arr.ndim != 2:
-        raise BadSampleError(file_name, BAD_ANNOTATION,
-                             f"expected a single-channel label map, got shape {arr.shape}")
-    return arr
-
-
-def rgb2id(rgb: np.ndarray) -> np.ndarray:
-    """Panoptic PNG colours -> segment ids (``R + 256 G + 256^2 B``), int32."""
-    rgb = rgb.astype(np.int32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
 def _check_same_size(file_name: str, what: str, got: Tuple[int, int], expected: Tuple[int, int],
@@ -322,7 +254,7 @@ class MaskFormerMapper:
             pan_rgb = read_image(pan_file, "RGB")
             _check_same_size(pan_file, "the panoptic PNG", pan_rgb.shape[:2], orig_size,
                              f"the image {d['file_name']}")
-            pan_seg = rgb2id(pan_rgb)
+            pan_seg = rgb2id(pan_rgb).astype(np.int32)  # the transforms resize int32 maps
             segments = list(d.get("segments_info") or [])
         if self.task == "instance":
             if "annotations" not in d:
