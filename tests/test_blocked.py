@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mask2former.layers import blocked
+from mask2former.accel import set_fast_inference, verified
+from mask2former.accel.cpu import blocked
+from mask2former.accel.cpu import resnet as accel_resnet
 from mask2former.ops import frozen_bn_act_compiled
 from test_frozen_bn_act import resnet
 
@@ -40,12 +42,12 @@ def test_resnet_blocked_path_matches_nchw(block, shape):
     that matched run blocked, with the same bits as the plain path."""
     model = resnet(50)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    model.fast_inference = False
+    set_fast_inference(model, False)
     with torch.no_grad():
         plain = model(x)
-        model.fast_inference = True
+        set_fast_inference(model, True)
         outs = [model(x), model(x)]
-    assert list(model._blocked_exact) == [shape]
+    assert list(verified(model).verdicts()) == [("blocked", shape)]
     for out in outs:
         assert out.keys() == plain.keys()
         for k in plain:
@@ -57,15 +59,13 @@ def test_resnet_blocked_path_rejected_when_it_differs(block, monkeypatch):
     model = resnet(50)
     x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        model.fast_inference = False
+        set_fast_inference(model, False)
         plain = model(x)
-        model.fast_inference = True
+        set_fast_inference(model, True)
         real = blocked.blocked_view
-        import mask2former.layers.conv as conv_module
-
-        monkeypatch.setattr(conv_module, "blocked_view", lambda t: real(t).flip(-1))
+        monkeypatch.setattr(accel_resnet, "blocked_view", lambda t: real(t).flip(-1))
         outs = [model(x), model(x)]
-    assert model._blocked_exact == {tuple(x.shape): False}
+    assert verified(model).verdicts() == {("blocked", tuple(x.shape)): False}
     for out in outs:
         for k in plain:
             assert torch.equal(out[k], plain[k]), k
@@ -75,16 +75,20 @@ def test_resnet_blocked_path_only_when_allowed(block):
     model = resnet(50)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert model._blocked_allowed(x)
-        assert not model._blocked_allowed(x.double())
-        assert not model._blocked_allowed(x.contiguous(memory_format=torch.channels_last))
-        model.fast_inference = False
-        assert not model._blocked_allowed(x)
-        model.fast_inference = True
+        assert model.blocked_allowed(x)
+        assert not model.blocked_allowed(x.double())
+        assert not model.blocked_allowed(x.contiguous(memory_format=torch.channels_last))
+        set_fast_inference(model, False)
+        assert not isinstance(model, accel_resnet.FastResNet)
+        set_fast_inference(model, True)
         model.train()
-        assert not model._blocked_allowed(x)
+        assert not model.blocked_allowed(x)
         model.eval()
         handle = model.res3[0].conv2.register_forward_hook(lambda *a: None)
-        assert not model._blocked_allowed(x)
+        assert not model.blocked_allowed(x)
         handle.remove()
-    assert not model._blocked_allowed(x)  # grad mode on
+        set_fast_inference(model.res3[1], False)  # a plain block among fast ones
+        assert not model.blocked_allowed(x)
+        set_fast_inference(model.res3[1], True)
+        assert model.blocked_allowed(x)
+    assert not model.blocked_allowed(x)  # grad mode on

@@ -1,9 +1,10 @@
 """The fast inference path gives the plain path's outputs on the parity models.
 
-Fast path (the default): panoptic / instance post-processing upsamples only the masks of the
-queries it uses (``MaskFormer.postprocess_selected``), and the MSDeformAttn op is the compiled
-kernel when it is available. Plain path: ``model.fast_inference = False`` (every query's mask
-upsampled, as the official code does) and ``M2F_OPS=reference`` (the grid_sample op).
+Fast path (the default; mask2former.accel): among others, panoptic / instance post-processing
+upsamples only the masks of the queries it uses (``accel.postprocess``), and the MSDeformAttn op
+is the compiled kernel when it is available. Plain path: ``model.fast_inference = False`` (the
+modules of modeling/ alone: every query's mask upsampled, as the official code does) and
+``M2F_OPS=reference`` (the grid_sample op).
 
 With the same op the two post-processings are bitwise equal. Across ops (compiled vs reference)
 the float rounding differs, so probabilities agree to the parity tolerance and discrete outputs
@@ -136,7 +137,7 @@ def test_fast_path_with_compiled_op_matches_plain_reference_path(parity_dir, nam
 def test_channels_last_upsample_is_bitwise_interpolate(batch):
     """fpn.upsample_bilinear (encoder tokens viewed as a map) equals F.interpolate exactly, and
     the FPN sum it feeds keeps the lateral's NCHW layout."""
-    from mask2former.modeling.pixel_decoder.fpn import upsample_bilinear
+    from mask2former.accel.cpu.pixel_decoder import upsample_bilinear_channels_last as upsample_bilinear
 
     torch.manual_seed(0)
     shapes = [(20, 30), (10, 15), (5, 8)]
@@ -152,10 +153,22 @@ def test_channels_last_upsample_is_bitwise_interpolate(batch):
             assert torch.equal(fast, plain)
             lat = torch.randn(plain.shape)  # NCHW, as a conv output
             assert torch.equal(lat.clone().add_(fast), lat + plain) and lat.clone().add_(fast).is_contiguous()
-    leaf = torch.randn(1, 4, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
-    out = upsample_bilinear(leaf, (6, 10))
-    out.sum().backward()  # with autograd it goes through F.interpolate
+    # with autograd the pixel decoder's FPN step is the plain one (F.interpolate), and gradients flow
+    import mask2former as m2f
+    from mask2former.accel import set_fast_inference
+    from mask2former.accel.cpu.pixel_decoder import FastMSDeformAttnPixelDecoder
+
+    cfg = m2f.get_cfg()
+    cfg.merge_from_file(str(REPO_ROOT / "configs/synthetic/panoptic.yaml"))
+    decoder = m2f.build_model(cfg).sem_seg_head.pixel_decoder.eval()
+    assert isinstance(decoder, FastMSDeformAttnPixelDecoder)
+    leaf = torch.randn(1, 64, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(1, 64, 6, 10)
+    out = decoder.fpn_merge(0, x, leaf)
+    out.sum().backward()
     assert leaf.grad is not None
+    set_fast_inference(decoder, False)
+    assert torch.equal(out, decoder.fpn_merge(0, x, leaf))
 
 
 def test_single_image_attention_mask_broadcast_equals_per_head_copies():
@@ -181,22 +194,23 @@ def test_single_image_attention_mask_broadcast_equals_per_head_copies():
 def test_fast_and_plain_paths_are_bitwise_equal(parity_dir, name):
     """With the same op, the whole fast path equals the plain path bit for bit, on its first
     call (which verifies the decoder's pixel selection) and on later ones (which use it)."""
+    from mask2former.accel import verified
     from mask2former.modeling.transformer_decoder import mask2former_transformer_decoder as dec
 
-    dec._SELECTION_EXACT.clear()
     model = build_parity_model(parity_dir, name)
     inputs = parity_inputs(parity_dir, name)
     set_tasks(model, TASK_SETS[-1])
     plain = run(model, inputs, False)
-    first = run(model, inputs, True)
+    first = run(model, inputs, True)  # switching fast inference on starts with no verdicts
     second = run(model, inputs, True)
     for p, a, b in zip(plain, first, second):
         assert_same(a, p, exact=True)
         assert_same(b, p, exact=True)
     if isinstance(model.sem_seg_head.predictor, dec.MultiScaleMaskedTransformerDecoder):
         # the selection was checked and used, at the two coarse levels of every input size
-        assert len(dec._SELECTION_EXACT) == 2 * len({tuple(i["image"].shape) for i in inputs})
-        assert all(dec._SELECTION_EXACT.values())
+        verdicts = verified(model.sem_seg_head.predictor).verdicts()
+        assert len(verdicts) == 2 * len({tuple(i["image"].shape) for i in inputs})
+        assert all(verdicts.values())
 
 
 def _decoder_and_inputs(parity_dir):
@@ -213,14 +227,14 @@ def _decoder_and_inputs(parity_dir):
 def test_decoder_fast_path_outputs(parity_dir, monkeypatch):
     """The fast decoder's final logits and masks are the plain decoder's, bit for bit; its
     auxiliary outputs are left out. A selection that fails its check falls back to all pixels."""
-    from mask2former.modeling.transformer_decoder import mask2former_transformer_decoder as dec
+    from mask2former.accel import decoder as dec
+    from mask2former.accel import set_fast_inference, verified
 
     decoder, args = _decoder_and_inputs(parity_dir)
     with torch.no_grad():
-        decoder.fast_inference = False
+        set_fast_inference(decoder, False)
         plain = decoder(*args)
-        decoder.fast_inference = True
-        dec._SELECTION_EXACT.clear()
+        set_fast_inference(decoder, True)
         outs = [decoder(*args), decoder(*args)]
         assert len(plain["aux_outputs"]) == decoder.num_layers
         for out in outs:
@@ -232,20 +246,19 @@ def test_decoder_fast_path_outputs(parity_dir, monkeypatch):
         assert outs[1]["aux_outputs"] == []
 
         # wrong pixels (mirrored): the check on the first call rejects them, and the result stays exact
-        dec._SELECTION_EXACT.clear()
+        verified(decoder).clear()
         selected = dec.attention_mask_pixels
         monkeypatch.setattr(dec, "attention_mask_pixels", lambda f, size: selected(f.flip(-1), size))
         for _ in range(2):
             out = decoder(*args)
             assert torch.equal(out["pred_masks"], plain["pred_masks"])
             assert torch.equal(out["pred_logits"], plain["pred_logits"])
-        assert dec._SELECTION_EXACT and not any(dec._SELECTION_EXACT.values())
+        assert verified(decoder).verdicts() and not any(verified(decoder).verdicts().values())
         assert len(out["aux_outputs"]) == decoder.num_layers
         # training never selects
         decoder.train()
-        dec._SELECTION_EXACT.clear()
-        assert len(decoder(*args)["aux_outputs"]) == decoder.num_layers and not dec._SELECTION_EXACT
-    dec._SELECTION_EXACT.clear()
+        verified(decoder).clear()
+        assert len(decoder(*args)["aux_outputs"]) == decoder.num_layers and not verified(decoder).verdicts()
 
 
 @pytest.mark.parametrize("hw,size", [((48, 64), (6, 8)), ((48, 64), (12, 16)), ((40, 24), (5, 6)),
@@ -253,7 +266,7 @@ def test_decoder_fast_path_outputs(parity_dir, monkeypatch):
 def test_attention_mask_pixels_downsample_like_all_pixels(hw, size):
     """Bilinear downsampling of the selected pixels equals that of the whole map, bit for bit,
     for every mixture of factors 4 and 8; other factors select nothing."""
-    from mask2former.modeling.transformer_decoder.mask2former_transformer_decoder import attention_mask_pixels
+    from mask2former.accel.decoder import attention_mask_pixels
 
     torch.manual_seed(0)
     features = torch.randn(2, 16, *hw) * 5
@@ -270,7 +283,7 @@ def test_attention_mask_pixels_downsample_like_all_pixels(hw, size):
 @pytest.mark.parametrize("size", [(24, 32), (20, 30), (7, 8), (16, 16)])
 def test_attention_mask_pixels_other_factors(size):
     """Factor 2 (every pixel is read), odd and fractional factors: no selection."""
-    from mask2former.modeling.transformer_decoder.mask2former_transformer_decoder import attention_mask_pixels
+    from mask2former.accel.decoder import attention_mask_pixels
 
     assert attention_mask_pixels(torch.zeros(1, 4, 48, 64), size) is None
 
@@ -282,7 +295,7 @@ def test_scratch_buffer_reuse_rules():
     import threading
     import weakref
 
-    from mask2former.layers.scratch import scratch_buffer
+    from mask2former.accel.cpu.scratch import scratch_buffer
 
     owner = torch.nn.Linear(2, 2)
     like = torch.zeros(1)
@@ -311,22 +324,27 @@ def test_scratch_buffer_reuse_rules():
 
 @pytest.mark.parametrize("shape", [(1, 50, 16), (3, 7, 16)])
 def test_ffn_block_hidden_buffer_is_bitwise(shape):
-    from mask2former.layers import ffn_block
+    """The deformable encoder layer's FFN writes its hidden activations into the shared scratch
+    buffer: same bits; a non-contiguous input takes F.linear's own path, the buffer untouched."""
+    from mask2former.accel import scratch_owner, set_fast_inference
+    from mask2former.accel.cpu.scratch import scratch_buffer
+    from mask2former.modeling.pixel_decoder.msdeformattn import MSDeformAttnEncoderLayer
 
     torch.manual_seed(0)
-    lin1, lin2, norm = torch.nn.Linear(16, 40), torch.nn.Linear(40, 16), torch.nn.LayerNorm(16)
+    layer = MSDeformAttnEncoderLayer(d_model=16, d_ffn=40, n_levels=1, n_heads=2, n_points=1).eval()
     x = torch.randn(shape)
-    drop = torch.nn.Identity()
     with torch.no_grad():
-        want = ffn_block(lin1, lin2, norm, drop, drop, torch.nn.functional.relu_, x)
-        hidden = torch.full((shape[0] * shape[1], 40), float("nan"))
-        got = ffn_block(lin1, lin2, norm, drop, drop, torch.nn.functional.relu_, x, hidden=hidden)
+        want = layer.forward_ffn(x)
+        set_fast_inference(layer)
+        hidden = scratch_buffer(scratch_owner(layer), "msdeformattn_encoder_ffn_hidden", (shape[0] * shape[1], 40), x)
+        hidden.fill_(float("nan"))
+        got = layer.forward_ffn(x)
         assert torch.equal(got, want)
-        # non-contiguous input: F.linear's own path, the buffer untouched
+        assert not hidden.isnan().any()  # it held the hidden activations
         xt = torch.stack([x, x], -1)[..., 0]
         assert not xt.is_contiguous()
         hidden.fill_(float("nan"))
-        assert torch.equal(ffn_block(lin1, lin2, norm, drop, drop, torch.nn.functional.relu_, xt, hidden=hidden), want)
+        assert torch.equal(layer.forward_ffn(xt), want)
         assert hidden.isnan().all()
 
 
@@ -336,7 +354,8 @@ def test_full_width_r50_fast_path_is_bitwise_plain():
     call, used on the second), fused frozen BN, decoder pixel selection, scratch buffers and the
     selected post-processing. Both fast calls equal the plain path bit for bit."""
     import mask2former as m2f
-    from mask2former.layers import blocked
+    from mask2former.accel import verified
+    from mask2former.accel.cpu import blocked
     from test_frozen_bn_act import randomise_frozen_bn
 
     cfg = m2f.get_cfg()
@@ -362,12 +381,12 @@ def test_full_width_r50_fast_path_is_bitwise_plain():
         if tasks == ("instance",):
             assert len(plain["instances"]) > 0
     if blocked.block_size() is not None and m2f.ops.frozen_bn_act_compiled():
-        assert model.backbone._blocked_exact == {(1, 3, 224, 320): True}
+        assert verified(model.backbone).verdicts() == {("blocked", (1, 3, 224, 320)): True}
 
 
 @pytest.mark.parametrize("shape", [(1, 16, 7, 9), (2, 8, 6, 5)])
 def test_add_across_layouts(shape):
-    from mask2former.modeling.pixel_decoder.fpn import add_across_layouts_
+    from mask2former.accel.cpu.pixel_decoder import add_across_layouts_
 
     g = torch.Generator().manual_seed(0)
     out = torch.randn(shape, generator=g)
@@ -381,9 +400,8 @@ def test_add_across_layouts(shape):
 
 def test_fast_path_batch_of_two_is_bitwise(parity_dir):
     """Two same-size images in one batch: per-head attention masks, batched selection check."""
-    from mask2former.modeling.transformer_decoder import mask2former_transformer_decoder as dec
+    from mask2former.accel import verified
 
-    dec._SELECTION_EXACT.clear()
     model = build_parity_model(parity_dir, "panoptic")
     first = parity_inputs(parity_dir, "panoptic")[0]
     inputs = [first, dict(first, image=first["image"].flip(-1))]
@@ -396,5 +414,6 @@ def test_fast_path_batch_of_two_is_bitwise(parity_dir):
     for key in ("first", "second"):
         for a, b in zip(outs[key], outs["plain"], strict=True):
             assert_same(a, b, exact=True)
-    assert dec._SELECTION_EXACT and all(dec._SELECTION_EXACT.values())
-    assert all(k[2][0] == 2 for k in dec._SELECTION_EXACT)
+    verdicts = verified(model.sem_seg_head.predictor).verdicts()
+    assert verdicts and all(verdicts.values())
+    assert all(k[3][0] == 2 for k in verdicts)  # the embeddings' batch: both images at once

@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from mask2former.accel import fast_inference_enabled, set_fast_inference, verified
+from mask2former.accel.cpu import resnet as accel_resnet
 from mask2former.layers import Conv2d, FrozenBatchNorm2d
 from mask2former.modeling.backbone.resnet import BasicStem, DeepLabStem, ResNet, make_resnet_stages
 from mask2former.ops import _extension, frozen_bn, frozen_bn_act, frozen_bn_act_compiled
@@ -299,16 +301,16 @@ def resnet(depth, stem="basic", freeze_at=5):
                                 norm="FrozenBN")
     model = ResNet(stem_cls(3, stem_out, norm="FrozenBN"), stages,
                    out_features=["stem", "res2", "res3", "res4", "res5"], freeze_at=freeze_at)
-    return randomise_frozen_bn(model.eval())
+    return set_fast_inference(randomise_frozen_bn(model.eval()))
 
 
 def run_both(model, x, context=torch.no_grad):
     outs = {}
     for fast in (False, True):
-        model.fast_inference = fast
+        set_fast_inference(model, fast)
         with context():
             outs[fast] = model(x)
-    model.fast_inference = True
+    set_fast_inference(model, True)
     return outs[False], outs[True]
 
 
@@ -349,35 +351,35 @@ def test_fast_path_runs_only_when_allowed(monkeypatch):
     model = resnet(50)
     x = torch.randn(1, 3, 32, 32)
     calls = []
-    real = FrozenBatchNorm2d.forward_act
-    monkeypatch.setattr(FrozenBatchNorm2d, "forward_act", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    real = accel_resnet._norm_act
+    monkeypatch.setattr(accel_resnet, "_norm_act", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         model(x)
     bn_count = sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
     # the first call at a size runs the NCHW path and, where available, checks the channel-blocked one
-    assert len(calls) == bn_count * (2 if model._blocked_exact else 1)
-    for setup in (lambda: setattr(model, "fast_inference", False), lambda: model.train()):
+    assert len(calls) == bn_count * (2 if isinstance(model, accel_resnet.FastResNet) and verified(model) else 1)
+    for setup in (lambda: set_fast_inference(model, False), lambda: model.train()):
         calls.clear()
-        model.eval().fast_inference = True
+        set_fast_inference(model.eval(), True)
         setup()
         with torch.no_grad():
             model(x)
             model(x.contiguous(memory_format=torch.channels_last))
         assert calls == []
-    model.eval().fast_inference = True
+    set_fast_inference(model.eval(), True)
     with torch.no_grad():
         model.double()(x.double())
     assert calls == []
-    assert model.fast_inference
+    assert fast_inference_enabled(model)
 
 
 def test_fast_inference_flag_propagates():
     model = resnet(18)
-    model.fast_inference = False
-    assert not any(m.fast_inference for m in model.modules() if hasattr(m, "_use_fused"))
-    assert not model.fast_inference
-    model.fast_inference = True
-    assert model.fast_inference
+    set_fast_inference(model, False)
+    assert not any(type(m).__module__.startswith("mask2former.accel") for m in model.modules())
+    assert not fast_inference_enabled(model)
+    set_fast_inference(model, True)
+    assert fast_inference_enabled(model)
 
 
 def test_conv2d_forward_act_without_frozen_norm_is_plain():
@@ -386,7 +388,7 @@ def test_conv2d_forward_act_without_frozen_norm_is_plain():
     residual = torch.randn(1, 6, 5, 5)
     with torch.no_grad():
         want = F.relu_(conv(x) + residual)
-        assert torch.equal(conv.forward_act(x, residual=residual, relu=True), want)
+        assert torch.equal(accel_resnet.conv_norm_act(conv, x, residual=residual, relu=True), want)
 
 
 def test_torch_compile_fullgraph_keeps_fast_path_bitwise(op):
@@ -412,7 +414,7 @@ def test_forward_hooks_still_see_the_plain_path():
     block.conv2.register_forward_hook(lambda m, a, out: seen.setdefault(fast, []).append(out.clone()))
     block.conv3.norm.register_forward_hook(lambda m, a, out: seen.setdefault(fast, []).append(out.clone()))
     for fast in (False, True):
-        model.fast_inference = fast
+        set_fast_inference(model, fast)
         with torch.no_grad():
             model(x)
     assert len(seen[True]) == len(seen[False]) == 2

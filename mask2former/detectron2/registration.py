@@ -2,7 +2,8 @@
 
 :func:`register_all` is idempotent; ``import mask2former`` calls it when Detectron2 is installed.
 
-* META_ARCH "MaskFormer": :class:`MaskFormer`, this package's meta architecture with its backbone
+* META_ARCH "MaskFormer": :class:`MaskFormer`, this package's meta architecture (with the
+  accelerations of :mod:`mask2former.accel`) with its backbone
   and head built through Detectron2's ``build_backbone`` / ``build_sem_seg_head`` (so Detectron2's
   ResNet, "build_resnet_backbone", is the R50/R101 backbone, as in the official extension),
   thing classes read from Detectron2's ``MetadataCatalog`` and Detectron2 structures out.
@@ -26,6 +27,9 @@ from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_H
 from detectron2.modeling import Backbone as D2Backbone
 from detectron2.modeling import build_backbone, build_sem_seg_head
 
+from ..accel import accelerates, set_fast_inference
+from ..accel.postprocess import SelectedPostprocessing
+from ..config.configurable import configurable
 from ..data.catalog import DatasetCatalog, MetadataCatalog, thing_contiguous_ids
 from ..modeling.backbone.swin import D2SwinTransformer as _Swin
 from ..modeling.heads import MaskFormerHead
@@ -62,7 +66,13 @@ def _thing_ids_from_detectron2(cfg) -> Optional[Set[int]]:
 class MaskFormer(_MaskFormer):
     """Detectron2's META_ARCH "MaskFormer": this package's :class:`~mask2former.modeling.MaskFormer`
     built from Detectron2's registries. Training returns the loss dict; inference returns one
-    dict per image with ``instances`` as a Detectron2 ``Instances``."""
+    dict per image with ``instances`` as a Detectron2 ``Instances``. Built with the inference
+    accelerations applied, as this package's ``build_model`` does (``fast_inference``)."""
+
+    @configurable
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        set_fast_inference(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -77,6 +87,11 @@ class MaskFormer(_MaskFormer):
     def forward(self, batched_inputs):
         outputs = super().forward(batched_inputs)
         return outputs if self.training else to_detectron2_outputs(outputs)
+
+
+@accelerates(MaskFormer)
+class _FastMaskFormer(SelectedPostprocessing, MaskFormer):
+    pass
 
 
 class D2SwinTransformer(_Swin, D2Backbone):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops import ms_deform_attn_from_offsets
+from ..ops import ms_deform_attn, sampling_locations_from_offsets
 
 
 class MSDeformAttn(nn.Module):
@@ -14,13 +14,7 @@ class MSDeformAttn(nn.Module):
     reference point, with offsets and weights predicted from the query.
 
     Keys: sampling_offsets.*, attention_weights.*, value_proj.*, output_proj.*
-
-    ``fast_inference`` (default True): without autograd on CPU, the sampling locations are
-    computed inside the compiled kernel (``ms_deform_attn_from_offsets``), bitwise the same
-    output; False computes them with torch, the plain path that tests compare with.
     """
-
-    fast_inference = True
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
@@ -69,7 +63,12 @@ class MSDeformAttn(nn.Module):
         weights = F.softmax(weights, -1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] != 2:
             raise ValueError(f"reference_points must end in (x, y); got shape {tuple(reference_points.shape)}")
-        # offsets are in pixels of each level: location = reference + offset / (W, H)
-        out = ms_deform_attn_from_offsets(value, spatial_shapes, level_start_index, reference_points, offsets, weights,
-                                          fused=self.fast_inference)
+        out = self.sample(value, spatial_shapes, level_start_index, reference_points, offsets, weights)
         return self.output_proj(out)
+
+    def sample(self, value, spatial_shapes, level_start_index, reference_points, offsets, weights):
+        """The attention-weighted sum of ``value`` (N, S, M, D) at the sampling locations
+        ``reference_points`` (N, Lq, L, 2) + ``offsets`` (N, Lq, M, L, P, 2) / (W, H) of each
+        level (offsets are in pixels of their level); weights (N, Lq, M, L, P). Returns (N, Lq, M*D)."""
+        locations = sampling_locations_from_offsets(reference_points, offsets, spatial_shapes)
+        return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)

@@ -1,11 +1,7 @@
 """Normalization layers and the name -> layer factory used by configs (NORM keys)."""
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from ..ops.frozen_bn import frozen_bn_act, frozen_bn_act_uses_compiled
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -35,25 +31,6 @@ class FrozenBatchNorm2d(nn.Module):
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
         return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(x.dtype)
-
-    def forward_act(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False,
-                    inplace: bool = False) -> torch.Tensor:
-        """``self(x)``, then ``+= residual`` and ``relu_`` when asked: (N, C, H, W) -> (N, C, H, W).
-
-        Where ``mask2former.ops.frozen_bn_act`` runs its compiled kernel (CPU float32 contiguous,
-        no autograd, kernel bitwise equal to batch_norm on this machine) the three steps are one
-        pass over memory; otherwise they run as written. Same bits either way. ``inplace``: x is
-        a temporary of the caller's and may hold the result. x may also be channel-blocked,
-        (N, C/B, H, W, B) (see ``layers.blocked``).
-        """
-        if not x.requires_grad:
-            params = [t.to(x.dtype) for t in (self.weight, self.bias, self.running_mean, self.running_var)]
-            if x.dim() == 5 or frozen_bn_act_uses_compiled(x, *params, residual):
-                return frozen_bn_act(x, *params, self.eps, residual=residual, relu=relu, inplace=inplace)
-        out = self(x)
-        if residual is not None:
-            out += residual
-        return F.relu_(out) if relu else out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         state_dict.pop(prefix + "num_batches_tracked", None)

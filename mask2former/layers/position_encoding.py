@@ -12,8 +12,6 @@ class PositionEmbeddingSine(nn.Module):
     forward(x (N, C, H, W), mask (N, H, W) bool, True = padding) -> (N, 2*num_pos_feats, H, W).
     The first num_pos_feats channels encode y, the rest x; within each half, channels alternate
     sin/cos of the position divided by temperature ** (2 * (i // 2) / num_pos_feats).
-    Without a mask the result is cached per size and returned expanded over N: treat it as
-    read-only.
     """
 
     def __init__(self, num_pos_feats: int = 64, temperature: float = 10000, normalize: bool = False,
@@ -25,27 +23,11 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
-        self._cache: dict = {}  # (h, w, device, inference mode) -> (1, 2*num_pos_feats, h, w)
-
-    _CACHE_SIZE = 8
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        n, _, h, w = x.shape
-        if mask is None and torch.compiler.is_compiling():
-            mask = torch.zeros((n, h, w), device=x.device, dtype=torch.bool)
-        if mask is not None:
-            return self._encode(mask)
-        # without a mask the encoding depends on (H, W) only: computed once per size (it is
-        # recomputed for every level of every forward otherwise); inference tensors are kept apart
-        key = (h, w, x.device, torch.is_inference_mode_enabled())
-        cache = self._cache
-        pos = cache.pop(key, None)
-        if pos is None:
-            pos = self._encode(torch.zeros((1, h, w), device=x.device, dtype=torch.bool))
-        cache[key] = pos  # most recently used last
-        while len(cache) > self._CACHE_SIZE:
-            cache.pop(next(iter(cache)))
-        return pos.expand(n, -1, -1, -1)
+        if mask is None:
+            mask = torch.zeros((x.shape[0], *x.shape[-2:]), device=x.device, dtype=torch.bool)
+        return self._encode(mask)
 
     def _encode(self, mask: torch.Tensor) -> torch.Tensor:
         valid = ~mask

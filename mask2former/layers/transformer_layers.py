@@ -52,17 +52,11 @@ def attention_block(attn: nn.MultiheadAttention, norm: nn.LayerNorm, dropout: nn
 
 
 def ffn_block(linear1: nn.Linear, linear2: nn.Linear, norm: nn.LayerNorm, dropout_inner: nn.Module,
-              dropout_out: nn.Module, activation, tgt: Tensor, pre_norm: bool = False,
-              hidden: Optional[Tensor] = None) -> Tensor:
-    """tgt (..., C) -> (..., C). ``hidden``: an optional contiguous (tgt.numel() / C, d_ffn)
-    buffer that receives linear1's output (the same product written in place; inference only)."""
+              dropout_out: nn.Module, activation, tgt: Tensor, pre_norm: bool = False) -> Tensor:
+    """tgt (..., C) -> (..., C): ``tgt + linear2(activation(linear1(tgt)))`` with the norm after
+    (post-norm) or before (pre-norm). ``linear1`` may be any callable of the same contract."""
     x = norm(tgt) if pre_norm else tgt
-    if hidden is None or linear1.bias is None or not x.is_contiguous():
-        h = linear1(x)
-    else:  # the addmm that F.linear runs for contiguous input with a bias, into ``hidden``
-        h = torch.addmm(linear1.bias, x.view(-1, x.shape[-1]), linear1.weight.t(), out=hidden)
-        h = h.view(*x.shape[:-1], h.shape[-1])
-    tgt = tgt + dropout_out(linear2(dropout_inner(activation(h))))
+    tgt = tgt + dropout_out(linear2(dropout_inner(activation(linear1(x)))))
     return tgt if pre_norm else norm(tgt)
 
 

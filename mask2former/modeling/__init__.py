@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 def build_model(cfg, load_weights=None):
-    """Build the model named by MODEL.META_ARCHITECTURE on MODEL.DEVICE.
+    """Build the model named by MODEL.META_ARCHITECTURE on MODEL.DEVICE, with the inference
+    accelerations of :mod:`mask2former.accel` applied (``model.fast_inference = False`` removes them).
 
     MODEL.WEIGHTS, when set, is loaded with ``load_checkpoint``. ``load_weights``: True requires
     the file (FileNotFoundError naming MODEL.WEIGHTS otherwise); None (default) loads it if it
@@ -35,6 +36,11 @@ def build_model(cfg, load_weights=None):
         raise KeyError(f"MODEL.META_ARCHITECTURE = {name!r} is not registered; known: "
                        f"{sorted(k for k, _ in META_ARCH_REGISTRY)}")
     model = META_ARCH_REGISTRY.get(name)(cfg)
+    # The inference accelerations sit beside modeling/ and attach to the built model (lazily
+    # imported: they subclass the modules of this package).
+    from ..accel import set_fast_inference
+
+    set_fast_inference(model)
     device = cfg.MODEL.DEVICE
     if device.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE is %r but CUDA is not available; using the CPU", device)

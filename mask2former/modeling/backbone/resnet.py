@@ -3,7 +3,6 @@
 Keys look like ``stem.conv1.weight``, ``stem.conv1.norm.running_mean``, ``res2.0.shortcut.weight``,
 ``res3.1.conv2.norm.bias`` so that Detectron2 model-zoo / ImageNet checkpoints load unchanged.
 """
-import logging
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -11,12 +10,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...layers import Conv2d, FrozenBatchNorm2d, ShapeSpec, c2_msra_fill, get_norm
-from ...layers.blocked import block_size
-from ...ops.frozen_bn import frozen_bn_act_compiled
 from ...utils.registry import BACKBONE_REGISTRY
 from .backbone import Backbone
 
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "CNNBlockBase",
@@ -48,15 +44,7 @@ def _conv(in_ch, out_ch, k, *, stride=1, dilation=1, groups=1, norm="BN") -> Con
 
 
 class CNNBlockBase(nn.Module):
-    """A block with known ``in_channels``, ``out_channels`` and spatial ``stride``.
-
-    ``fast_inference`` (default True): in eval mode without autograd, on CPU float32 contiguous
-    input, the ResNet blocks and stems run each FrozenBatchNorm2d together with the residual add
-    and ReLU after it as one pass (``Conv2d.forward_act``); the outputs are bitwise those of the
-    plain path, which ``fast_inference = False`` selects.
-    """
-
-    fast_inference = True
+    """A block with known ``in_channels``, ``out_channels`` and spatial ``stride``."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
@@ -71,18 +59,6 @@ class CNNBlockBase(nn.Module):
         FrozenBatchNorm2d.convert_frozen_batchnorm(self)
         return self
 
-    def _use_fused(self, x: torch.Tensor) -> bool:
-        if x.is_mkldnn:  # channel-blocked, from ResNet's fast path, which checked the rest
-            return True
-        return (
-            self.fast_inference
-            and not self.training
-            and not (torch.is_grad_enabled() and x.requires_grad)
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and x.is_contiguous()
-        )
-
 
 class BasicStem(CNNBlockBase):
     """conv1 7x7/2 + norm + ReLU, then max-pool 3x3/2: (N, C, H, W) -> (N, out, ~H/4, ~W/4)."""
@@ -92,21 +68,7 @@ class BasicStem(CNNBlockBase):
         self.conv1 = _conv(in_channels, out_channels, 7, stride=2, norm=norm)
 
     def forward(self, x):
-        if self._use_fused(x):
-            return _stem_max_pool(self.conv1.forward_act(x, relu=True))
-        return _stem_max_pool(F.relu_(self.conv1(x)))
-
-
-def _stem_max_pool(x):
-    """3x3/2 max-pool. Without autograd torch's channels-last kernel is several times faster
-    than its NCHW one (which also computes indices); a maximum is exact either way. Opaque
-    (channel-blocked) x stays so."""
-    if x.is_mkldnn:
-        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
-    if x.dim() == 4 and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):
-        pooled = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size=3, stride=2, padding=1)
-        return pooled.contiguous()
-    return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        return F.max_pool2d(F.relu_(self.conv1(x)), kernel_size=3, stride=2, padding=1)
 
 
 class DeepLabStem(CNNBlockBase):
@@ -120,13 +82,9 @@ class DeepLabStem(CNNBlockBase):
         self.conv3 = _conv(mid, out_channels, 3, norm=norm)
 
     def forward(self, x):
-        if self._use_fused(x):
-            x = self.conv1.forward_act(x, relu=True)
-            x = self.conv2.forward_act(x, relu=True)
-            return _stem_max_pool(self.conv3.forward_act(x, relu=True))
         x = F.relu_(self.conv1(x))
         x = F.relu_(self.conv2(x))
-        return _stem_max_pool(F.relu_(self.conv3(x)))
+        return F.max_pool2d(F.relu_(self.conv3(x)), kernel_size=3, stride=2, padding=1)
 
 
 class BasicBlock(CNNBlockBase):
@@ -144,10 +102,6 @@ class BasicBlock(CNNBlockBase):
         self.conv2 = _conv(out_channels, out_channels, 3, norm=norm)
 
     def forward(self, x):
-        if self._use_fused(x):
-            out = self.conv1.forward_act(x, relu=True)
-            shortcut = x if self.shortcut is None else self.shortcut.forward_act(x)
-            return self.conv2.forward_act(out, residual=shortcut, relu=True)
         out = self.conv2(F.relu_(self.conv1(x)))
         out += x if self.shortcut is None else self.shortcut(x)
         return F.relu_(out)
@@ -187,11 +141,6 @@ class BottleneckBlock(CNNBlockBase):
         self.conv3 = _conv(bottleneck_channels, out_channels, 1, norm=norm)
 
     def forward(self, x):
-        if self._use_fused(x):
-            out = self.conv1.forward_act(x, relu=True)
-            out = self.conv2.forward_act(out, relu=True)
-            shortcut = x if self.shortcut is None else self.shortcut.forward_act(x)
-            return self.conv3.forward_act(out, residual=shortcut, relu=True)
         out = F.relu_(self.conv1(x))
         out = F.relu_(self.conv2(out))
         out = self.conv3(out)
@@ -241,69 +190,11 @@ class ResNet(Backbone):
             self._out_feature_channels[name] = blocks[-1].out_channels
         self._out_features = list(out_features) if out_features is not None else [self.stage_names[-1]]
         self.freeze(freeze_at)
-        # input shape -> whether the channel-blocked fast path matched the NCHW path (forward)
-        self._blocked_exact: Dict[tuple, bool] = {}
-
-    @property
-    def fast_inference(self) -> bool:
-        """Whether the stem and every block may take the fused inference path (see
-        ``CNNBlockBase``); setting it sets theirs."""
-        return all(m.fast_inference for m in self.modules() if isinstance(m, CNNBlockBase))
-
-    @fast_inference.setter
-    def fast_inference(self, value: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, CNNBlockBase):
-                m.fast_inference = bool(value)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """x: (N, C, H, W) -> {name: (N, C_name, ceil-ish(H/stride), ceil-ish(W/stride))}.
-
-        Fast CPU inference keeps the activations in oneDNN's channel-blocked layout between
-        convolutions (``layers.blocked``). The first call at each input size also runs the NCHW
-        path and compares every output bit for bit; only a size that matched is run blocked."""
+        """x: (N, C, H, W) -> {name: (N, C_name, ceil-ish(H/stride), ceil-ish(W/stride))}."""
         if x.dim() != 4:
             raise ValueError(f"ResNet takes an input of shape (N, C, H, W); got {tuple(x.shape)}")
-        if not self._blocked_allowed(x):
-            return self._forward(x)
-        key = tuple(x.shape)
-        exact = self._blocked_exact.get(key)
-        if exact is None:
-            plain = self._forward(x)
-            blocked = self._forward(x.to_mkldnn())
-            exact = self._blocked_exact[key] = all(torch.equal(plain[k], blocked[k].to_dense()) for k in plain)
-            if not exact:
-                logger.info("ResNet: channel-blocked convolutions differ from NCHW ones at input %s; not used", key)
-            return plain
-        if not exact:
-            return self._forward(x)
-        return {k: v.to_dense() for k, v in self._forward(x.to_mkldnn()).items()}
-
-    def _blocked_allowed(self, x: torch.Tensor) -> bool:
-        """Whether every stem / block convolution can run on channel-blocked activations:
-        fused inference allowed everywhere (CPU float32, grad mode off), compiled frozen batch
-        norm, FrozenBatchNorm2d after each conv, whole channel blocks, no hooks."""
-        if torch.compiler.is_compiling():  # opaque tensors and raw memory views do not trace
-            return False
-        if not (self.fast_inference and not self.training and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.is_contiguous() and not torch.is_grad_enabled() and frozen_bn_act_compiled()):
-            return False
-        b = block_size()
-        if b is None:
-            return False
-        for m in self.modules():
-            if m._forward_hooks or m._forward_pre_hooks:
-                return False
-            if isinstance(m, nn.Conv2d):
-                if not (isinstance(m, Conv2d) and isinstance(m.norm, FrozenBatchNorm2d) and m.activation is None
-                        and m.padding_mode == "zeros" and isinstance(m.padding, tuple) and m.out_channels % b == 0):
-                    return False
-            elif not isinstance(m, (CNNBlockBase, ResNet, nn.Sequential, FrozenBatchNorm2d)):
-                return False
-        return type(self.stem) in (BasicStem, DeepLabStem) and all(
-            type(blk) in (BasicBlock, BottleneckBlock) for name in self.stage_names for blk in getattr(self, name))
-
-    def _forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         outputs = {}
         x = self.stem(x)
         if "stem" in self._out_features:
@@ -404,14 +295,14 @@ def _build_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
     r = cfg.MODEL.RESNETS
     norm = r.NORM
     in_channels = input_shape.channels if input_shape is not None and input_shape.channels else 3
-    stem_type = r.get("STEM_TYPE", "basic")
+    stem_type = r.STEM_TYPE
     if stem_type == "basic":
         stem = BasicStem(in_channels, r.STEM_OUT_CHANNELS, norm=norm)
     elif stem_type == "deeplab":
         stem = DeepLabStem(in_channels, r.STEM_OUT_CHANNELS, norm=norm)
     else:
         raise ValueError(f"Unknown MODEL.RESNETS.STEM_TYPE {stem_type!r}; expected 'basic' or 'deeplab'")
-    if any(r.get("DEFORM_ON_PER_STAGE", [])):
+    if any(r.DEFORM_ON_PER_STAGE):
         raise NotImplementedError("Deformable ResNet stages (DEFORM_ON_PER_STAGE) are not supported")
     out_features = list(r.OUT_FEATURES)
     stage_of = {"stem": 1, "res2": 2, "res3": 3, "res4": 4, "res5": 5}
@@ -424,9 +315,9 @@ def _build_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
         width_per_group=r.WIDTH_PER_GROUP,
         stride_in_1x1=r.STRIDE_IN_1X1,
         norm=norm,
-        res4_dilation=r.get("RES4_DILATION", 1),
+        res4_dilation=r.RES4_DILATION,
         res5_dilation=r.RES5_DILATION,
-        res5_multi_grid=r.get("RES5_MULTI_GRID", [1, 1, 1]),
+        res5_multi_grid=r.RES5_MULTI_GRID,
         num_stages=num_stages,
     )
     return ResNet(stem, stages, out_features=out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
@@ -435,8 +326,8 @@ def _build_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
 @BACKBONE_REGISTRY.register()
 def build_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     """ResNet from ``cfg.MODEL.RESNETS`` / ``cfg.MODEL.BACKBONE.FREEZE_AT`` (Detectron2's builder,
-    also honouring STEM_TYPE, RES4_DILATION and RES5_MULTI_GRID, which all official Mask2Former
-    configs leave at their no-op defaults)."""
+    also honouring the DeepLab keys STEM_TYPE, RES4_DILATION and RES5_MULTI_GRID, which every
+    official Mask2Former config sets to their no-op values "basic", 1 and [1, 1, 1])."""
     return _build_resnet(cfg, input_shape)
 
 

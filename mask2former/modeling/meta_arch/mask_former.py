@@ -65,8 +65,7 @@ class MaskFormer(nn.Module):
                  object_mask_threshold: float, overlap_threshold: float, thing_ids: Optional[Set[int]] = None,
                  size_divisibility: int, sem_seg_postprocess_before_inference: bool,
                  pixel_mean: Tuple[float, ...], pixel_std: Tuple[float, ...], semantic_on: bool = True,
-                 panoptic_on: bool = False, instance_on: bool = False, test_topk_per_image: int = 100,
-                 fast_inference: bool = True):
+                 panoptic_on: bool = False, instance_on: bool = False, test_topk_per_image: int = 100):
         super().__init__()
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
@@ -88,21 +87,21 @@ class MaskFormer(nn.Module):
         self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
         self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
         self.test_topk_per_image = test_topk_per_image
-        self.fast_inference = fast_inference
 
     @property
     def fast_inference(self) -> bool:
-        """False: the plain inference path (every query's mask upsampled, every intermediate mask
-        computed, unfused normalisation), kept as the reference that tests compare the fast path
-        with; both give bitwise the same results. Setting it sets every submodule's flag."""
-        return self._fast_inference
+        """Whether the inference accelerations of :mod:`mask2former.accel` are applied to this
+        model (``build_model`` applies them). Setting it applies them or restores the plain
+        modules of this package, which then run alone; both give bitwise the same results."""
+        from ...accel import fast_inference_enabled  # accel builds on modeling, not the reverse
+
+        return fast_inference_enabled(self)
 
     @fast_inference.setter
     def fast_inference(self, value: bool):
-        self._fast_inference = bool(value)
-        for m in self.modules():
-            if m is not self and hasattr(type(m), "fast_inference"):
-                m.fast_inference = self._fast_inference
+        from ...accel import set_fast_inference
+
+        set_fast_inference(self, value)
 
     @classmethod
     def from_config(cls, cfg, backbone: Optional[nn.Module] = None, sem_seg_head: Optional[nn.Module] = None):
@@ -242,8 +241,7 @@ class MaskFormer(nn.Module):
         return (-(-image.shape[-2] // d) * d, -(-image.shape[-1] // d) * d)
 
     def postprocess(self, outputs, batched_inputs, image_sizes, padded_size):
-        if self.fast_inference and not self.semantic_on and (self.panoptic_on or self.instance_on):
-            return self.postprocess_selected(outputs, batched_inputs, image_sizes, padded_size)
+        """Head outputs of a padded batch -> one result dict per image (see the module docstring)."""
         mask_pred_results = F.interpolate(outputs["pred_masks"], size=padded_size, mode="bilinear",
                                           align_corners=False)
         results = []
@@ -284,43 +282,3 @@ class MaskFormer(nn.Module):
                 mask_cls, mask_pred, num_classes=self.sem_seg_head.num_classes, topk=self.test_topk_per_image,
                 thing_ids=self.thing_ids if self.panoptic_on else None)
         return res
-
-    def postprocess_selected(self, outputs, batched_inputs, image_sizes, padded_size):
-        """Panoptic / instance results from the masks of the queries they use only: the others
-        are never upsampled. Interpolation is per channel, so the results equal postprocess()'s
-        plain path exactly."""
-        num_classes = self.sem_seg_head.num_classes
-        results = []
-        for mask_cls, masks, inp, image_size in zip(outputs["pred_logits"], outputs["pred_masks"], batched_inputs,
-                                                    image_sizes):
-            height = int(inp.get("height", image_size[0]))
-            width = int(inp.get("width", image_size[1]))
-            mask_cls = mask_cls.to(masks)  # as postprocess() does before inference
-            used = []
-            if self.panoptic_on:
-                keep = post.panoptic_keep(mask_cls, num_classes=num_classes,
-                                          object_mask_threshold=self.object_mask_threshold).nonzero().flatten()
-                used.append(keep)
-            if self.instance_on:
-                scores, labels, query_index = post.instance_candidates(
-                    mask_cls, num_classes=num_classes, topk=self.test_topk_per_image,
-                    thing_ids=self.thing_ids if self.panoptic_on else None)
-                used.append(query_index)
-            needed = torch.cat(used).unique()  # sorted
-            if needed.numel():
-                selected = F.interpolate(masks[needed][None], size=padded_size, mode="bilinear",
-                                         align_corners=False)[0]
-                selected = post.sem_seg_postprocess(selected, image_size, height, width)
-            else:
-                selected = masks.new_zeros((0, height, width))
-            row = torch.full((masks.shape[0],), -1, dtype=torch.long, device=masks.device)
-            row[needed] = torch.arange(needed.numel(), device=masks.device)
-            res = {}
-            if self.panoptic_on:
-                res["panoptic_seg"] = post.panoptic_inference(
-                    mask_cls[keep], selected[row[keep]], num_classes=num_classes, thing_ids=self.thing_ids,
-                    object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold)
-            if self.instance_on:
-                res["instances"] = post.instances_from_candidates(scores, labels, selected[row[query_index]])
-            results.append(res)
-        return results

@@ -5,7 +5,7 @@
     transformer_encoder_features (N, conv_dim, H/32, W/32) or None,
     multi_scale_features: list of 3 maps, coarsest first (N, conv_dim, H/s, W/s).
 """
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -13,7 +13,6 @@ from torch.nn import functional as F
 
 from ...config.configurable import configurable
 from ...layers import Conv2d, PositionEmbeddingSine, ShapeSpec, TransformerEncoderLayer, c2_xavier_fill, clones, get_norm
-from ...layers.scratch import scratch_buffer
 from ...utils.registry import PIXEL_DECODER_REGISTRY
 
 NUM_MULTI_SCALE_FEATURES = 3  # the transformer decoder always reads three scales
@@ -42,49 +41,14 @@ def add_fpn_level(module: nn.Module, idx: int, in_channels: int, conv_dim: int, 
     return lateral, output
 
 
-def upsample_bilinear(x: torch.Tensor, size: Sequence[int], scratch_owner: Optional[nn.Module] = None):
-    """F.interpolate(x, size, mode="bilinear", align_corners=False), with the same values.
-
-    For a channels-last ``x`` (the deformable encoder's tokens viewed as a map) torch computes
-    the result channels-last and then spends ~25x the interpolation's time copying it into an
-    NCHW tensor; without autograd the result is written channels-last directly instead, into a
-    scratch buffer of ``scratch_owner`` when given (the result must then not outlive the call).
-    """
-    size = tuple(int(v) for v in size)
-    channels_innermost = x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
-    if channels_innermost and not x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):
-        n, c = x.shape[:2]
-        if scratch_owner is not None and x.device.type == "cpu":
-            out = scratch_buffer(scratch_owner, "upsampled", (n, *size, c), x).permute(0, 3, 1, 2)
-        else:
-            out = torch.empty((n, c, *size), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-        return torch.ops.aten.upsample_bilinear2d.out(x, size, False, None, None, out=out)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-def fpn_merge(lateral: Conv2d, output: Conv2d, x, top, mode: str, scratch_owner: Optional[nn.Module] = None):
-    """Top-down step: lateral(x) + upsample(top) -> output conv (see upsample_bilinear for
-    ``scratch_owner``)."""
+def fpn_merge(lateral: Conv2d, output: Conv2d, x: torch.Tensor, top: torch.Tensor, mode: str) -> torch.Tensor:
+    """Top-down step: output(lateral(x) + ``mode``-upsampled ``top``) at x's size."""
     lat = lateral(x)
     if mode == "nearest":
         up = F.interpolate(top, size=lat.shape[-2:], mode="nearest")
     else:
-        up = upsample_bilinear(top, lat.shape[-2:], scratch_owner)
-    # in place where autograd allows: the sum keeps lat's (NCHW) layout whatever up's, so the
-    # output conv sees the layout it always sees
-    return output(lat + up if lat.requires_grad else add_across_layouts_(lat, up))
-
-
-def add_across_layouts_(out: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """out += other, for an NCHW ``out`` and a channels-last ``other`` (N, C, H, W). In one
-    sweep each element of ``other`` lies on a cache line that was evicted long before its
-    neighbouring channels are read; two image rows at a time keep those lines in cache (~3x
-    faster at 256x200x304). Same elementwise sums."""
-    if out.dim() != 4 or not out.is_contiguous() or other.is_contiguous() or other.shape != out.shape:
-        return out.add_(other)
-    for r in range(0, out.shape[2], 2):
-        out[:, :, r: r + 2].add_(other[:, :, r: r + 2])
-    return out
+        up = F.interpolate(top, size=lat.shape[-2:], mode="bilinear", align_corners=False)
+    return output(lat + up)
 
 
 def sorted_by_stride(input_shape: Dict[str, ShapeSpec]):

@@ -14,7 +14,6 @@ from torch.nn import functional as F
 
 from ...config.configurable import configurable
 from ...layers import Conv2d, MSDeformAttn, PositionEmbeddingSine, ShapeSpec, c2_xavier_fill, clones, ffn_block
-from ...layers.scratch import scratch_buffer
 from ...utils.registry import PIXEL_DECODER_REGISTRY
 from .fpn import (
     NUM_MULTI_SCALE_FEATURES,
@@ -48,20 +47,17 @@ class MSDeformAttnEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None,
-                ffn_hidden=None):
-        """``ffn_hidden``: optional scratch buffer for the FFN's hidden activations (see ffn_block)."""
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
-        src = self.norm1(src + self.dropout1(attn))
-        return ffn_block(self.linear1, self.linear2, self.norm2, self.dropout2, self.dropout3, F.relu_, src,
-                         hidden=ffn_hidden)
+        return self.forward_ffn(self.norm1(src + self.dropout1(attn)))
+
+    def forward_ffn(self, src, linear1=None):
+        """The feed-forward block; ``linear1``: a callable used in place of ``self.linear1``."""
+        return ffn_block(linear1 or self.linear1, self.linear2, self.norm2, self.dropout2, self.dropout3, F.relu_, src)
 
 
 class MSDeformAttnEncoder(nn.Module):
     """Keys: layers.{i}.*"""
-
-    # False: no scratch buffers in inference (the plain path that tests compare with)
-    fast_inference = True
 
     def __init__(self, layer: MSDeformAttnEncoderLayer, num_layers: int):
         super().__init__()
@@ -82,13 +78,8 @@ class MSDeformAttnEncoder(nn.Module):
     def forward(self, src, spatial_shapes, level_start_index, shapes_list, pos):
         ref = self.reference_points(shapes_list, src.device)
         ref = ref.expand(src.shape[0], -1, len(shapes_list), -1)
-        hidden = None
-        if self.fast_inference and not self.training and not torch.is_grad_enabled() and src.device.type == "cpu":
-            # every layer's FFN hidden activations (N * S, d_ffn) go to one kept buffer
-            tokens = src.shape[0] * src.shape[1]
-            hidden = scratch_buffer(self, "ffn_hidden", (tokens, self.layers[0].linear1.out_features), src)
         for layer in self.layers:
-            src = layer(src, pos, ref, spatial_shapes, level_start_index, ffn_hidden=hidden)
+            src = layer(src, pos, ref, spatial_shapes, level_start_index)
         return src
 
 
@@ -128,9 +119,6 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
 class MSDeformAttnPixelDecoder(nn.Module):
     """Keys: input_proj.{i}.{0: conv, 1: GroupNorm} (coarsest level first), transformer.*,
     mask_features, adapter_{i} / layer_{i} for the FPN levels finer than the encoder's."""
-
-    # False: no scratch buffers in inference (the plain path that tests compare with)
-    fast_inference = True
 
     @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, transformer_dropout: float, transformer_nheads: int,
@@ -211,12 +199,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
             outs = [
                 z.transpose(1, 2).reshape(n, -1, h, w) for z, (h, w) in zip(memory.split(sizes, dim=1), shapes)
             ]
-            scratch = self.fast_inference and not self.training and not torch.is_grad_enabled()
             for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
-                x = _at_least_fp32(features[name])
-                outs.append(fpn_merge(self.lateral_convs[idx], self.output_convs[idx], x, outs[-1], "bilinear",
-                                      scratch_owner=self.lateral_convs[idx] if scratch else None))
+                outs.append(self.fpn_merge(idx, _at_least_fp32(features[name]), outs[-1]))
         return self.mask_features(outs[-1]), outs[0], outs[:NUM_MULTI_SCALE_FEATURES]
+
+    def fpn_merge(self, idx: int, x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """Top-down step ``idx`` (0 = coarsest FPN level): x (N, C_l, H_l, W_l) from the backbone
+        and the coarser output ``top`` -> (N, conv_dim, H_l, W_l)."""
+        return fpn_merge(self.lateral_convs[idx], self.output_convs[idx], x, top, "bilinear")
 
     def forward(self, features):
         return self.forward_features(features)

@@ -5,11 +5,8 @@ Each query attends only to pixels where its mask predicted by the previous layer
 
 Shapes: x: 3 maps (N, C_in, H_l, W_l); mask_features (N, mask_dim, H/4, W/4);
 outputs pred_logits (N, Q, K+1), pred_masks (N, Q, H/4, W/4), aux_outputs: one dict per earlier
-prediction (the learnable-query prediction first); empty in fast inference, which computes the
-earlier masks only where the attention masks read them.
+prediction (the learnable-query prediction first).
 """
-import logging
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -27,8 +24,6 @@ from ...layers import (
 from ...utils.registry import TRANSFORMER_DECODER_REGISTRY
 from .common import decoder_args_from_config
 
-logger = logging.getLogger(__name__)
-
 
 @TRANSFORMER_DECODER_REGISTRY.register()
 class MultiScaleMaskedTransformerDecoder(nn.Module):
@@ -38,8 +33,6 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     _version = 2
     num_feature_levels = 3
-    # False: inference computes every intermediate mask (the plain path that tests compare with)
-    fast_inference = True
 
     @configurable
     def __init__(self, in_channels: int, mask_classification: bool = True, *, num_classes: int, hidden_dim: int,
@@ -101,101 +94,51 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         bs = src[0].shape[1]
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
-        # Inference uses the intermediate masks only through the attention masks, i.e. at the
-        # pixels that their bilinear downsampling reads; those are all it computes where they
-        # are fewer than all pixels (no auxiliary outputs then).
-        select = self.fast_inference and not self.training
-        pixels = [attention_mask_pixels(mask_features, size) if select else None for size in sizes]
-
-        logits, masks, attn_mask = self.prediction_heads(output, mask_features, sizes[0], pixels=pixels[0])
-        all_logits, all_masks = [logits], [masks]
+        predictions = [self.prediction_heads(output, mask_features, sizes[0])]
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
             output = self.transformer_cross_attention_layers[i](
-                output, src[level], memory_mask=attn_mask, pos=pos[level], query_pos=query_pos)
+                output, src[level], memory_mask=predictions[-1][2], pos=pos[level], query_pos=query_pos)
             output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
             output = self.transformer_ffn_layers[i](output)
-            nxt = (i + 1) % self.num_feature_levels
-            if i + 1 < self.num_layers:
-                logits, masks, attn_mask = self.prediction_heads(output, mask_features, sizes[nxt], pixels=pixels[nxt])
-            else:
-                # the last layer's attention mask would have no reader
-                logits, masks, attn_mask = self.prediction_heads(output, mask_features, None)
-            all_logits.append(logits)
-            all_masks.append(masks)
-        aux = [{"pred_logits": a, "pred_masks": b} for a, b in zip(all_logits[:-1], all_masks[:-1])]
+            # the last layer's attention mask would have no reader
+            size = sizes[(i + 1) % self.num_feature_levels] if i + 1 < self.num_layers else None
+            predictions.append(self.prediction_heads(output, mask_features, size))
+        return self.output_dict(predictions)
+
+    def output_dict(self, predictions):
+        """[(logits, masks, attention mask)] of every prediction, in order -> the decoder's outputs."""
         return {
-            "pred_logits": all_logits[-1],
-            "pred_masks": all_masks[-1],
-            "aux_outputs": [] if any(m is None for m in all_masks) else aux,
+            "pred_logits": predictions[-1][0],
+            "pred_masks": predictions[-1][1],
+            "aux_outputs": [{"pred_logits": logits, "pred_masks": masks} for logits, masks, _ in predictions[:-1]],
         }
 
-    def prediction_heads(self, output, mask_features, attn_mask_size, pixels=None):
-        """output (Q, N, C) -> logits (N, Q, K+1), masks (N, Q, H/4, W/4) and the next layer's
-        attention mask at ``attn_mask_size`` (h, w) (None: no attention mask), bool, True = not
-        attended: (N*heads, Q, h*w), or (Q, h*w) when N = 1.
-
-        ``pixels``: attention_mask_pixels(mask_features, attn_mask_size), or None. When given, the
-        masks are computed at those pixels only and returned as None; the attention mask is the
-        same (checked once per shape against the full computation)."""
+    def class_and_mask_embed(self, output):
+        """output (Q, N, C) -> class logits (N, Q, K+1) and mask embeddings (N, Q, mask_dim)."""
         decoded = self.decoder_norm(output).transpose(0, 1)
-        logits = self.class_embed(decoded)
-        embed = self.mask_embed(decoded)
-        if pixels is not None:
-            key = (mask_features.device.type, mask_features.dtype, tuple(embed.shape), tuple(mask_features.shape),
-                   tuple(attn_mask_size))
-            if _SELECTION_EXACT.get(key):
-                masks = torch.einsum("bqc,bchw->bqhw", embed, pixels)
-                return logits, None, self._attention_mask(masks, attn_mask_size)
+        return self.class_embed(decoded), self.mask_embed(decoded)
+
+    def prediction_heads(self, output, mask_features, attn_mask_size):
+        """output (Q, N, C) -> logits (N, Q, K+1), masks (N, Q, H/4, W/4) and the next layer's
+        attention mask at ``attn_mask_size`` (h, w) (None: no attention mask)."""
+        logits, embed = self.class_and_mask_embed(output)
         masks = torch.einsum("bqc,bchw->bqhw", embed, mask_features)
         if attn_mask_size is None:
             return logits, masks, None
-        attn = self._attention_mask(masks, attn_mask_size)
-        if pixels is not None and key not in _SELECTION_EXACT:
-            # The selection relies on the matrix product giving each pixel the same bits whatever
-            # the other columns are, which BLAS libraries do not promise: verify it on this call.
-            selected = self._attention_mask(torch.einsum("bqc,bchw->bqhw", embed, pixels), attn_mask_size)
-            _SELECTION_EXACT[key] = torch.equal(selected, attn)
-            if not _SELECTION_EXACT[key]:
-                logger.info("attention masks from selected pixels differ for %s; computing all pixels", key)
-        return logits, masks, attn
+        return logits, masks, self.attention_mask(masks, attn_mask_size)
 
-    def _attention_mask(self, masks, size):
-        """Mask logits (N, Q, H', W') -> attention mask (see prediction_heads) at ``size``."""
+    def attention_mask(self, masks, size):
+        """Mask logits (N, Q, H', W') -> the heads' attention masks, bool (N*heads, Q, h*w)."""
+        return self.query_attention_mask(masks, size).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
+
+    @staticmethod
+    def query_attention_mask(masks, size):
+        """Mask logits (N, Q, H', W') -> bool (N, Q, h*w) at ``size`` (h, w), True = not attended:
+        the pixels where the mask, bilinearly resized, has sigmoid < 0.5."""
         attn = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
         # sigmoid() < 0.5 rather than x < 0: the two differ where sigmoid rounds to exactly 0.5
         attn = attn.sigmoid().flatten(2) < 0.5
         # a query whose mask is empty at this scale attends everywhere instead of nowhere
         attn[attn.all(-1)] = False
-        if attn.shape[0] == 1:
-            # one image: a (Q, h*w) mask, which attention broadcasts over the heads (same values
-            # as the per-head copies, without building them)
-            return attn[0].detach()
-        return attn.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1).detach()
-
-
-# (device type, dtype, embedding shape, mask-feature shape, attention-mask size) -> whether masks
-# computed at attention_mask_pixels() gave the full computation's attention mask
-_SELECTION_EXACT = {}
-
-
-def _read_factor(n_in: int, n_out: int):
-    """The factor of bilinear resizing n_in -> n_out (align_corners=False) when each output index
-    reads its own two inputs with weights 1/2 (factor*i + factor/2 - 1 and the next), i.e. n_in
-    is an even multiple (>= 4) of n_out; else None."""
-    if n_out <= 0 or n_in % n_out or (n_in // n_out) % 2 or n_in // n_out < 4:
-        return None
-    return n_in // n_out
-
-
-def attention_mask_pixels(mask_features, size):
-    """The pixels of mask_features (N, C, H, W) that bilinearly downsampling a map of that size to
-    ``size`` (h, w) reads: (N, C, 2h, 2w), in which each output pixel reads its own 2x2 block with
-    the same weights (1/2), so downsampling it to (h, w) gives the same values. None when the
-    factors are not even integers >= 4 (then it saves nothing or does not apply)."""
-    (n, c, hh, ww), (h, w) = mask_features.shape, size
-    fy, fx = _read_factor(hh, h), _read_factor(ww, w)
-    if fy is None or fx is None:
-        return None
-    blocks = mask_features.unflatten(3, (w, fx)).unflatten(2, (h, fy))  # (N, C, h, fy, w, fx)
-    return blocks[:, :, :, fy // 2 - 1: fy // 2 + 1, :, fx // 2 - 1: fx // 2 + 1].reshape(n, c, 2 * h, 2 * w)
+        return attn.detach()
