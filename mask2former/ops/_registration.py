@@ -8,10 +8,11 @@ The schemas and device kernels are defined in C++ (``csrc/``); this module adds 
   (``frozen_bn_act`` is inference-only and has none; ``ms_deform_attn_offsets`` is
   inference-only too, and refuses inputs that need gradients rather than return none).
 
-The C++ library names this module with ``set_python_module``, so torch can import it by itself
-(e.g. when an exported program using the op is loaded). On import it hands ``ensure_registered``
-to ``backend.state.on_library_loaded``, which runs it now (registering at once if the library is
-already loaded; without the library it does nothing) and after the backend loads the library.
+The C++ library names this module with ``set_python_module``, so torch's error for a missing
+fake kernel says to import it (e.g. in a process that loaded only the shared library to run an
+exported program). On import it hands ``ensure_registered`` to ``backend.state.on_library_loaded``,
+which runs it now (registering at once if the library is already loaded; without the library it
+does nothing) and after the backend loads the library.
 ``mask2former/ops/__init__.py`` imports this module, so the hook is in place before any op runs.
 """
 import torch
