@@ -11,7 +11,8 @@ from mask2former.accel import fast_inference_enabled, set_fast_inference, verifi
 from mask2former.accel.cpu import resnet as accel_resnet
 from mask2former.layers import Conv2d, FrozenBatchNorm2d
 from mask2former.modeling.backbone.resnet import BasicStem, DeepLabStem, ResNet, make_resnet_stages
-from mask2former.ops import _extension, frozen_bn, frozen_bn_act, frozen_bn_act_compiled
+from mask2former.ops import backend_info, frozen_bn, frozen_bn_act, frozen_bn_act_compiled
+from mask2former.ops.backend import env, state
 
 ISAS = ("generic", "avx2", "avx512")  # capped to what the CPU supports
 SHAPES = [(2, 19, 5, 37), (1, 24, 1, 1), (2, 7, 16, 16), (1, 33, 9, 17), (2, 3, 1, 31), (1, 16, 4, 4)]
@@ -19,9 +20,9 @@ SHAPES = [(2, 19, 5, 37), (1, 24, 1, 1), (2, 7, 16, 16), (1, 33, 9, 17), (2, 3, 
 
 @pytest.fixture(scope="module")
 def op():
-    if _extension.mode() == "reference":
+    if env.mode() == "reference":
         pytest.skip("M2F_OPS=reference")
-    info = _extension.backend_info()
+    info = backend_info()
     if not info.cpu:
         pytest.skip(f"compiled CPU kernels unavailable: {info.reason}")
     return torch.ops.mask2former.frozen_bn_act
@@ -240,7 +241,7 @@ def test_failed_self_check_falls_back_to_reference(op, monkeypatch):
 
 def test_unavailable_compiled_op_falls_back_to_reference(monkeypatch):
     monkeypatch.setattr(frozen_bn, "_self_check", {})
-    monkeypatch.setattr(_extension, "compiled_available", lambda device_type: False)
+    monkeypatch.setattr(state, "compiled_available", lambda device_type: False)
     assert not frozen_bn_act_compiled()
     spy = _Spy(monkeypatch)
     x, params, residual = make_case((1, 8, 6, 6))

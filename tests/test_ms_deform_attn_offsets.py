@@ -6,18 +6,19 @@ the op is unavailable or gradients are needed; the op's registration (opcheck, f
 torch.compile) and its input errors.
 
 Tests that need the compiled kernels skip, with the reason, when
-``mask2former.ops._extension.backend_info().cpu`` is False.
+``mask2former.ops.backend_info().cpu`` is False.
 """
 import pytest
 import torch
 
 from mask2former.layers import MSDeformAttn
 from mask2former.ops import (
-    _extension,
+    backend_info,
     check_ms_deform_attn_offsets_shapes,
     ms_deform_attn_from_offsets,
     ms_deform_attn_reference,
 )
+from mask2former.ops.backend import state
 
 ISAS = ("generic", "avx2", "avx512")  # capped to what the CPU supports
 OP_NAME = "mask2former::ms_deform_attn_offsets"
@@ -35,7 +36,7 @@ LEVELS_AND_POINTS = [
 @pytest.fixture(scope="module")
 def op():
     """The compiled op; builds the kernels (once, cached on disk) or skips."""
-    info = _extension.backend_info()
+    info = backend_info()
     if not info.cpu:
         pytest.skip(f"compiled CPU kernel unavailable: {info.reason}")
     return torch.ops.mask2former.ms_deform_attn_offsets
@@ -258,7 +259,7 @@ def test_fallback_when_op_unavailable(monkeypatch):
     assert OP_NAME not in names
     assert torch.equal(got, want)
     monkeypatch.delenv("M2F_OPS")
-    monkeypatch.setattr(_extension, "compiled_available", lambda device_type: False)
+    monkeypatch.setattr(state, "compiled_available", lambda device_type: False)
     with torch.no_grad():
         got, names = ops_called(lambda: ms_deform_attn_from_offsets(*args))
     assert OP_NAME not in names

@@ -1,10 +1,13 @@
 """Compiled multi-scale deformable attention (mask2former/ops, issue 3): the CPU kernel against
 the PyTorch reference (values and gradients), its torch.library registration (opcheck, autograd,
-torch.compile, torch.export), input errors, and backend selection (M2F_OPS).
+torch.compile, torch.export), input errors, backend selection (M2F_OPS), and the import graph
+of mask2former/ops (acyclic; every module imports on its own).
 
 The kernels are built once per machine and cached in the torch extensions dir (first build
 ~15 s); tests that need them are skipped with the reason when they cannot be built.
 """
+import ast
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mask2former.ops import _extension, backend_info, ms_deform_attn, ms_deform_attn_reference
+from mask2former.ops import backend_info, ms_deform_attn, ms_deform_attn_reference
+from mask2former.ops.backend import env
 
 REPO = Path(__file__).resolve().parents[1]
 ISAS = ("generic", "avx2", "avx512")  # capped to what the CPU supports
@@ -39,7 +43,7 @@ def op():
     missing = _toolchain_missing()
     if missing:
         pytest.skip(f"compiled ops need a toolchain: {missing}")
-    if _extension.mode() == "reference":
+    if env.mode() == "reference":
         pytest.skip("M2F_OPS=reference")
     info = backend_info()
     if not info.cpu:
@@ -315,4 +319,127 @@ def test_compiled_mode_makes_missing_compiler_an_error(tmp_path):
 def test_invalid_mode_is_rejected(monkeypatch):
     monkeypatch.setenv("M2F_OPS", "fast")
     with pytest.raises(ValueError, match="M2F_OPS must be one of"):
-        _extension.mode()
+        env.mode()
+
+
+def test_extension_alias_points_to_the_new_homes():
+    from mask2former.ops import _extension
+    from mask2former.ops.backend import cuda_check, jit, sources, state, toolchain
+
+    assert _extension.backend_info is state.backend_info and _extension.build is state.build
+    assert _extension.compiled_available is state.compiled_available and _extension.mode is env.mode
+    assert _extension.BackendInfo is jit.BackendInfo and _extension.sources is sources.sources
+    assert _extension.build_cuda_sources_for_check is cuda_check.build_cuda_sources_for_check
+    assert _extension._cuda_home is toolchain.cuda_home
+
+
+# ------------------------------------------------------------------------------- import graph
+OPS_DIR = REPO / "mask2former" / "ops"
+
+
+def _ops_modules():
+    """Dotted name -> file of every module under mask2former/ops (a package by its __init__.py)."""
+    modules = {}
+    for path in sorted(OPS_DIR.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _import_graph(modules):
+    """Module -> the ops modules its import statements name, relative or absolute, at module level
+    or inside a function (a lazy import closes a cycle just as well; it only fails later).
+    ``from P import x`` counts as importing P.x when that is a module, else P. The implicit import
+    of a module's parent packages is not counted: a package's __init__ is already running or
+    done whenever one of its submodules is imported, so that edge meets no half-made module."""
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    targets.add(sub if sub in modules else base)
+        graph[name] = sorted(t for t in targets if t in modules and t != name)
+    return graph
+
+
+def _find_cycle(graph):
+    """One cycle as a list of modules (first == last), or None."""
+    state = {}  # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt, path + [nxt])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for start in graph:
+        if start not in state:
+            found = visit(start, [start])
+            if found:
+                return found
+    return None
+
+
+def test_ops_import_graph_is_acyclic_and_layered():
+    assert _find_cycle({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == ["a", "b", "c", "a"]
+    graph = _import_graph(_ops_modules())
+    ops = "mask2former.ops"
+    # the parser sees the imports that exist (relative, from-package, inside a function)
+    assert f"{ops}.backend.state" in graph[f"{ops}.frozen_bn"]
+    assert f"{ops}.backend.state" in graph[f"{ops}._registration"]
+    assert {f"{ops}.frozen_bn", f"{ops}.ms_deform_attn", f"{ops}._registration"} <= set(graph[ops])
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle in mask2former/ops: " + " -> ".join(cycle)
+    # the build / backend layer knows nothing about the op modules
+    for name, targets in graph.items():
+        if name.startswith(f"{ops}.backend"):
+            assert all(t.startswith(f"{ops}.backend") for t in targets), (name, targets)
+
+
+_FRESH_IMPORTS = """
+import importlib, json, random, sys, traceback, types
+root, modules = json.loads(sys.argv[1])
+failed = {}
+for first in modules:
+    for name in [m for m in sys.modules if m == "mask2former" or m.startswith("mask2former.")]:
+        del sys.modules[name]
+    # empty stand-ins for the parent packages, so no other __init__ runs first
+    for name in ["mask2former"] + (["mask2former.ops"] if first != "mask2former.ops" else []):
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [root + "/" + name.replace(".", "/")]
+        sys.modules[name] = pkg
+    rest = [m for m in modules if m != first]
+    random.Random(first).shuffle(rest)
+    try:
+        for name in [first] + rest:
+            importlib.import_module(name)
+    except Exception:
+        failed[first] = traceback.format_exc()
+print(json.dumps(failed))
+"""
+
+
+def test_each_ops_module_imports_on_its_own():
+    """In a fresh interpreter, once per module: forget every mask2former module, import this one
+    before anything else of mask2former (its parent packages are empty stand-ins; mask2former.ops
+    itself is imported for real), then every other ops module in an order drawn from its name.
+    torch stays imported between rounds (one interpreter keeps this test at a few seconds)."""
+    res = _run(["-c", _FRESH_IMPORTS, json.dumps([str(REPO), sorted(_ops_modules())])])
+    assert res.returncode == 0, res.stderr
+    failed = json.loads(res.stdout.strip().splitlines()[-1])
+    assert failed == {}, "\n".join(f"{name} first:\n{tb}" for name, tb in failed.items())

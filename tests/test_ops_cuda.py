@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mask2former.ops import _extension, backend_info, check_ms_deform_attn_shapes, ms_deform_attn
+from mask2former.ops import BackendInfo, backend_info, check_ms_deform_attn_shapes, ms_deform_attn
 from mask2former.ops import ms_deform_attn_reference
+from mask2former.ops.backend import cuda_check, env, state, toolchain
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -39,7 +40,7 @@ def _run(args, **env):
 
 
 def _cuda_build_missing():
-    return _extension._missing_toolchain() or _extension._cuda_toolchain_missing()
+    return toolchain.missing_toolchain() or toolchain.cuda_toolchain_missing()
 
 
 # ------------------------------------------------------------------------ build (no GPU needed)
@@ -50,7 +51,7 @@ def test_cuda_sources_compile_for_explicit_arch():
     missing = _cuda_build_missing()
     if missing:
         pytest.skip(f"cannot compile CUDA sources: {missing}")
-    res = _extension.build_cuda_sources_for_check("9.0")
+    res = cuda_check.build_cuda_sources_for_check("9.0")
     assert Path(res.library).is_file()
     assert res.arch_list == "9.0"
     if res.loaded:  # loading needs only the CUDA runtime, usually true even without a GPU
@@ -69,9 +70,9 @@ def test_cuda_check_command_line():
 
 
 def test_cuda_check_reports_missing_toolchain(monkeypatch):
-    monkeypatch.setattr(_extension, "_cuda_toolchain_missing", lambda: "simulated: no nvcc")
+    monkeypatch.setattr(toolchain, "cuda_toolchain_missing", lambda: "simulated: no nvcc")
     with pytest.raises(RuntimeError, match="simulated: no nvcc"):
-        _extension.build_cuda_sources_for_check("9.0")
+        cuda_check.build_cuda_sources_for_check("9.0")
 
 
 def test_info_reports_cuda_backend_state(capsys):
@@ -87,7 +88,7 @@ def test_info_reports_cuda_backend_state(capsys):
             assert "no CUDA device visible" in line
     from mask2former.ops.__main__ import _print_info
 
-    _print_info(_extension.BackendInfo(True, True, False, "built", cuda_reason="M2F_OPS_CUDA=0"))
+    _print_info(BackendInfo(True, True, False, "built", cuda_reason="M2F_OPS_CUDA=0"))
     assert "cuda backend: reference (M2F_OPS_CUDA=0)" in capsys.readouterr().out
 
 
@@ -100,11 +101,11 @@ def test_cuda_fallback_warns_once_unless_opted_out(monkeypatch):
         pytest.skip(f"compiled kernels unavailable: {info.reason}")
     for env in ("1", "0"):
         monkeypatch.setenv("M2F_OPS_CUDA", env)
-        monkeypatch.setattr(_extension, "_warned_cuda", False)
+        monkeypatch.setattr(state, "_warned_cuda", False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(3):
-                assert _extension.compiled_available("cuda") is False
+                assert state.compiled_available("cuda") is False
         msgs = [str(c.message) for c in caught if "mask2former.ops" in str(c.message)]
         if env == "1":
             assert len(msgs) == 1, msgs
@@ -132,8 +133,9 @@ def test_device_mismatch_is_a_clear_error_without_data():
 
 _GPU_FALLBACK_SCRIPT = """
 import warnings, torch
-from mask2former.ops import _extension, ms_deform_attn, ms_deform_attn_reference
-_extension._want_cuda = lambda: "simulated: no CUDA kernel"
+from mask2former.ops import backend_info, ms_deform_attn, ms_deform_attn_reference
+from mask2former.ops.backend import jit
+jit.want_cuda = lambda: "simulated: no CUDA kernel"
 v = torch.randn(1, 5, 1, 2, device="cuda"); sh = torch.tensor([[1, 1], [2, 2]], device="cuda")
 st = torch.tensor([0, 1], device="cuda")
 loc = torch.rand(1, 3, 1, 2, 1, 2, device="cuda"); w = torch.rand(1, 3, 1, 2, 1, device="cuda")
@@ -143,7 +145,7 @@ with warnings.catch_warnings(record=True) as caught:
         assert torch.equal(ms_deform_attn(v, sh, st, loc, w), ms_deform_attn_reference(v, sh, st, loc, w))
 msgs = [str(c.message) for c in caught if "mask2former.ops" in str(c.message)]
 print(len(msgs)); print(msgs[0] if msgs else "")
-print(_extension.backend_info().describe("cpu"))
+print(backend_info().describe("cpu"))
 """
 
 
@@ -151,8 +153,8 @@ print(_extension.backend_info().describe("cpu"))
 def test_cuda_tensors_fall_back_to_reference_with_one_warning():
     """A GPU but no CUDA kernel (simulated): CUDA tensors run the reference, warning once why;
     the CPU kernel is still built."""
-    if _extension._missing_toolchain():
-        pytest.skip(f"compiled ops need a toolchain: {_extension._missing_toolchain()}")
+    if toolchain.missing_toolchain():
+        pytest.skip(f"compiled ops need a toolchain: {toolchain.missing_toolchain()}")
     res = _run(["-c", _GPU_FALLBACK_SCRIPT])
     assert res.returncode == 0, res.stderr
     count, msg, cpu = res.stdout.splitlines()[:3]
@@ -166,7 +168,7 @@ def op():
     """The compiled op with its CUDA kernel; skips (with the reason) when there is none."""
     if not HAS_CUDA:
         pytest.skip("no CUDA device visible")
-    if _extension.mode() == "reference":
+    if env.mode() == "reference":
         pytest.skip("M2F_OPS=reference")
     info = backend_info()
     if not info.cuda:

@@ -11,7 +11,9 @@ import sys
 
 import torch
 
-from . import _extension
+from .backend import cuda_check, env, state, toolchain
+from .backend.jit import BackendInfo
+from .frozen_bn import frozen_bn_act_compiled
 
 
 def _cuda_state() -> str:
@@ -26,8 +28,8 @@ def _cuda_state() -> str:
     return f"torch CUDA {torch.version.cuda}, {devices}"
 
 
-def _print_info(info: _extension.BackendInfo) -> None:
-    print(f"M2F_OPS: {_extension.mode()}")
+def _print_info(info: BackendInfo) -> None:
+    print(f"M2F_OPS: {env.mode()}")
     print(f"cpu backend: {info.describe('cpu')}")
     cuda = info.describe("cuda")
     if info.cuda:
@@ -35,25 +37,23 @@ def _print_info(info: _extension.BackendInfo) -> None:
     elif info.cuda_reason:
         cuda += f" ({info.cuda_reason})"
     print(f"cuda backend: {cuda}")
-    print(f"cuda: {_cuda_state()}; nvcc: {_extension._cuda_home() or 'not found'}")
+    print(f"cuda: {_cuda_state()}; nvcc: {toolchain.cuda_home() or 'not found'}")
     print(f"reason: {info.reason}")
     if info.compiled:
         print(f"cpu isa: {torch.ops.mask2former._cpu_isa()}")
-        from .frozen_bn import frozen_bn_act_compiled
-
         bitwise = frozen_bn_act_compiled()
         print(f"frozen_bn_act: {'compiled CPU' if bitwise else 'reference'} "
               f"(kernel {'matches' if bitwise else 'does not match'} torch's batch_norm bitwise)")
         print(f"library: {info.library}")
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root is None:
-        root = f"{_extension._import_cpp_extension().get_default_build_root()} (default; set TORCH_EXTENSIONS_DIR)"
+        root = f"{toolchain.import_cpp_extension().get_default_build_root()} (default; set TORCH_EXTENSIONS_DIR)"
     print(f"extensions dir: {root}")
 
 
 def _cuda_check(args) -> int:
     try:
-        res = _extension.build_cuda_sources_for_check(args.arch_list, build_dir=args.build_dir, verbose=args.verbose)
+        res = cuda_check.build_cuda_sources_for_check(args.arch_list, build_dir=args.build_dir, verbose=args.verbose)
     except (RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         if args.cuda_check:
             return _cuda_check(args)
         try:
-            info = _extension.build(verbose=args.verbose)
+            info = state.build(verbose=args.verbose)
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     # info: any build failure is reported through the info (and a warning), not raised,
     # unless M2F_OPS=compiled.
     try:
-        info = _extension.backend_info()
+        info = state.backend_info()
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

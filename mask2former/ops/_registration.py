@@ -8,12 +8,16 @@ The schemas and device kernels are defined in C++ (``csrc/``); this module adds 
   (``frozen_bn_act`` is inference-only and has none; ``ms_deform_attn_offsets`` is
   inference-only too, and refuses inputs that need gradients rather than return none).
 
-The C++ library names this module with ``set_python_module``, so torch can import it by itself
-(e.g. when an exported program using the op is loaded). ``_extension`` calls
-``ensure_registered`` right after loading the library; without the library it does nothing.
+The C++ library names this module with ``set_python_module``, so torch's error for a missing
+fake kernel says to import it (e.g. in a process that loaded only the shared library to run an
+exported program). On import it hands ``ensure_registered`` to ``backend.state.on_library_loaded``,
+which runs it now (registering at once if the library is already loaded; without the library it
+does nothing) and after the backend loads the library.
+``mask2former/ops/__init__.py`` imports this module, so the hook is in place before any op runs.
 """
 import torch
 
+from .backend import state
 from .frozen_bn import check_frozen_bn_act_shapes
 from .ms_deform_attn import check_ms_deform_attn_offsets_shapes, check_ms_deform_attn_shapes
 
@@ -102,4 +106,4 @@ def ensure_registered():
         _check_frozen_bn_act(x, weight, bias, running_mean, running_var, residual)
 
 
-ensure_registered()
+state.on_library_loaded(ensure_registered)

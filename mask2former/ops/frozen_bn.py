@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 from torch.nn import functional as F
 
-from . import _extension
+from .backend import state
 
 __all__ = [
     "frozen_bn_act",
@@ -133,7 +133,7 @@ def _run_self_check() -> bool:
 def frozen_bn_act_compiled() -> bool:
     """Whether CPU float32 calls run the compiled kernel: it is built and, once per process
     (and kernel variant), matched the reference bitwise."""
-    if not _extension.compiled_available("cpu") or not hasattr(torch.ops.mask2former, "frozen_bn_act"):
+    if not state.compiled_available("cpu") or not hasattr(torch.ops.mask2former, "frozen_bn_act"):
         return False
     key = os.environ.get("M2F_OPS_CPU_ISA", "")
     ok = _self_check.get(key)

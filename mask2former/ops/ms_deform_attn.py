@@ -6,7 +6,7 @@ Shape legend:
     Lq number of queries     L  feature levels          P  sampling points per level
 
 ``ms_deform_attn`` runs the compiled operator ``torch.ops.mask2former.ms_deform_attn`` (C++ CPU
-kernel; CUDA kernel when built, see ``_extension``) when available, else
+kernel; CUDA kernel when built, see ``backend/``) when available, else
 ``ms_deform_attn_reference``, the plain implementation every fast path is tested against. Both
 paths support autograd.
 
@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
-from . import _extension
+from .backend import state
 
 __all__ = [
     "ms_deform_attn",
@@ -169,7 +169,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     """
     check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     device_type = value.device.type
-    compiled = value.dtype in _COMPILED_DTYPES.get(device_type, ()) and _extension.compiled_available(device_type)
+    compiled = value.dtype in _COMPILED_DTYPES.get(device_type, ()) and state.compiled_available(device_type)
     if not torch.compiler.is_compiling() and not (compiled and spatial_shapes.device.type == "cuda"):
         _check_level_sizes(value, spatial_shapes)
     if compiled:
@@ -216,7 +216,7 @@ def _uses_offsets_op(value, spatial_shapes, level_start_index, reference_points,
         t.requires_grad for t in (value, reference_points, sampling_offsets, attention_weights)
     ):
         return False
-    return _extension.compiled_available("cpu")
+    return state.compiled_available("cpu")
 
 
 def ms_deform_attn_from_offsets(

@@ -1,4 +1,4 @@
-// CPU implementation of mask2former::frozen_bn_act / frozen_bn_act_ (schemas in ms_deform_attn.cpp):
+// CPU implementation of mask2former::frozen_bn_act / frozen_bn_act_ (schemas in library.cpp):
 // inference batch norm with fixed statistics, optionally followed by a residual add and a ReLU,
 // in one pass over memory instead of the three (batch_norm, add_, relu_) of the plain path.
 //

@@ -1,5 +1,5 @@
 // Multi-scale deformable attention: declarations shared by the op registration
-// (ms_deform_attn.cpp) and the device kernels (ms_deform_attn_cpu.cpp, and
+// (library.cpp) and the device kernels (ms_deform_attn_cpu.cpp, and
 // ms_deform_attn_cuda.cu when CUDA is built).
 //
 // Shapes (see mask2former/ops/ms_deform_attn.py):

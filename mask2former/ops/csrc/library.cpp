@@ -1,4 +1,5 @@
-// Operator schemas of the mask2former library and the input checks every backend shares.
+// Operator schemas of the mask2former library (every op: ms_deform_attn*, frozen_bn_act*) and the
+// input checks every ms_deform_attn backend shares.
 //
 // The schemas live here, device kernels register themselves next to their code:
 //   ms_deform_attn_cpu.cpp   TORCH_LIBRARY_IMPL(mask2former, CPU, ...)
