@@ -151,9 +151,9 @@ def load_peer(device: str = "cpu"):
                "--target", str(target), f"torch-ms-deform-attn=={PEER_VERSION}"]
         env = dict(os.environ)
         if device == "cuda" and "CUDA_HOME" not in env:
-            from mask2former.ops import _extension
+            from mask2former.ops.backend.toolchain import cuda_home
 
-            home = _extension._cuda_home()  # torch may guess a wrong CUDA_HOME from a wrapper nvcc
+            home = cuda_home()  # torch may guess a wrong CUDA_HOME from a wrapper nvcc
             if home:
                 env["CUDA_HOME"] = home
         try:
