@@ -6,6 +6,7 @@ loader (mask2former/config/safe_yaml.py) must refuse every other Python tag, nam
 dotted key and the tag, through the library API and through train_net.py and demo/demo.py.
 Hostile payloads try to create a sentinel file; each test asserts that it does not exist.
 """
+import ast
 import os
 import subprocess
 import sys
@@ -18,8 +19,8 @@ import yaml
 from mask2former.config import CfgNode, UnsafeConfigError, get_cfg
 from mask2former.config.safe_eval import MAX_ITEMS, SafeEvalError, safe_eval
 from mask2former.config.safe_yaml import load_config_yaml
+from test_config import CONFIGS, REPO, _flat, _load, _norm, _write
 
-REPO = Path(__file__).resolve().parents[1]
 SLOW_LIMIT_S = 20  # a refused hostile expression must fail fast; generous for a loaded machine
 
 # The form every official Mask2Former / SeMask config uses for MIN_SIZE_TRAIN (short side in
@@ -29,12 +30,6 @@ OFFICIAL_EXPRESSIONS = [f"[int(x * 0.1 * {n}) for x in range(5, 21)]"
 OFFICIAL_EXPRESSIONS.append("[int(0.25 * x * 640) for x in range(1, 8)]")
 
 
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
 def _yaml_str(s: str) -> str:
     """``s`` as a double-quoted YAML scalar."""
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -42,6 +37,42 @@ def _yaml_str(s: str) -> str:
 
 def _eval_yaml(expr: str, key: str = "MIN_SIZE_TRAIN") -> str:
     return f"INPUT:\n  {key}: !!python/object/apply:eval [{_yaml_str(expr)}]\n"
+
+
+# ----------------------------------------------------------------------------- configs/ unchanged
+def _oracle_flat(path: Path) -> dict:
+    """The flat values of ``path``'s `_BASE_` chain, each file read with plain yaml.safe_load,
+    strings decoded as yacs does."""
+    data = yaml.safe_load(path.read_text()) or {}
+    bases = data.pop("_BASE_", [])
+    out = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        out.update(_oracle_flat((path.parent / base).resolve()))
+    out.update({k: _yacs_decode(v) for k, v in _flat(data).items()})
+    return out
+
+
+def _yacs_decode(value):
+    # yacs reads a string that is a Python literal as that literal: "(640, 640)" -> (640, 640).
+    if isinstance(value, str):
+        try:
+            return _norm(ast.literal_eval(value))
+        except (ValueError, SyntaxError):
+            pass
+    return value
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in CONFIGS.rglob("*.yaml")))
+def test_every_config_equals_a_plain_safe_load_merge(path):
+    """The restricted loader changes no value: the full merged config equals the defaults updated
+    key by key with ``yaml.safe_load`` of each file of the chain. This oracle is computed here
+    from the files themselves rather than from a snapshot, so it stays valid when defaults or
+    configs change; the configs/ files carry no Python tags, so safe_load reads them fully."""
+    expected = _flat(get_cfg())
+    overrides = _oracle_flat(REPO / path)
+    assert set(overrides) <= set(expected), "a config sets a key get_cfg() lacks"
+    expected.update(overrides)
+    assert _flat(_load(path)) == expected
 
 
 # ----------------------------------------------------------------------------- the evaluator
@@ -54,14 +85,13 @@ def test_official_expressions_equal_python_eval(expr):
 
 @pytest.mark.parametrize("expr", OFFICIAL_EXPRESSIONS)
 def test_official_expressions_through_a_config_file(tmp_path, expr):
-    base = _write(tmp_path / "base.yaml", _eval_yaml(expr))
+    _write(tmp_path / "base.yaml", _eval_yaml(expr))
     child = _write(tmp_path / "child.yaml", "_BASE_: base.yaml\nINPUT:\n  MIN_SIZE_TEST: 512\n")
     cfg = get_cfg()
     cfg.merge_from_file(str(child))
     assert list(cfg.INPUT.MIN_SIZE_TRAIN) == eval(expr)
     assert CfgNode.load_yaml_with_base(str(child), allow_unsafe=True)["INPUT"] == {
         "MIN_SIZE_TRAIN": eval(expr), "MIN_SIZE_TEST": 512}
-    assert base.is_file()
 
 
 @pytest.mark.parametrize("expr", [

@@ -23,6 +23,7 @@ elements of nested containers), the total number of evaluation steps, the bits o
 constants below); exceeding a limit raises :class:`SafeEvalError` too.
 """
 import ast
+import itertools
 import operator
 from typing import Any, Dict, Iterator, Optional
 
@@ -74,8 +75,9 @@ def safe_eval(expr: str) -> Any:
     if len(expr) > MAX_EXPR_CHARS:
         raise SafeEvalError(
             f"expression of {len(expr)} characters exceeds the limit of {MAX_EXPR_CHARS}")
+    expr = expr.strip()  # leading spaces would be an IndentationError
     try:
-        tree = ast.parse(expr.strip(), mode="eval")
+        tree = ast.parse(expr, mode="eval")
     except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
         raise SafeEvalError(f"not a valid Python expression: {e}") from None
     _check_depth(tree)
@@ -101,10 +103,10 @@ def _size(value: Any, memo: Dict[int, int]) -> int:
         return 1
     key = id(value)
     if key not in memo:
-        items = value.items() if isinstance(value, dict) else ((x, None) for x in value)
+        children = itertools.chain(value, value.values()) if isinstance(value, dict) else value
         total = 1
-        for k, v in items:
-            total += _size(k, memo) + (0 if v is None else _size(v, memo))
+        for child in children:
+            total += _size(child, memo)
             if total > MAX_ITEMS:  # stop early: the caller refuses it anyway
                 break
         memo[key] = total
@@ -142,7 +144,7 @@ class _Evaluator:
 
     def refuse(self, node: ast.AST, what: Optional[str] = None) -> SafeEvalError:
         what = what or _REFUSED.get(type(node)) or f"{type(node).__name__} expression"
-        segment = ast.get_source_segment(self.source.strip(), node) if hasattr(node, "lineno") else None
+        segment = ast.get_source_segment(self.source, node) if hasattr(node, "lineno") else None
         if segment:
             what += f" ({segment[:60]}{'...' if len(segment) > 60 else ''})"
         return SafeEvalError(f"{what} is not allowed")
@@ -202,7 +204,8 @@ class _Evaluator:
         op = _UNARY_OPS.get(type(node.op))
         if op is None:
             raise self.refuse(node, _REFUSED.get(type(node.op)))
-        return self.checked(self.compute(op, self.eval(node.operand, env), node=node), "a unary operator")
+        operand = self.eval(node.operand, env)
+        return self.checked(self.compute(op, operand, node=node), "a unary operator")
 
     def _eval_BoolOp(self, node: ast.BoolOp, env) -> Any:
         is_and = isinstance(node.op, ast.And)
@@ -290,7 +293,7 @@ class _Evaluator:
         try:
             return func(*args)
         except (ArithmeticError, TypeError, ValueError) as e:
-            segment = ast.get_source_segment(self.source.strip(), node) or ""
+            segment = ast.get_source_segment(self.source, node) or ""
             raise SafeEvalError(f"evaluating '{segment[:60]}' failed: "
                                 f"{type(e).__name__}: {e}") from None
 
