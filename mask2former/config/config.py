@@ -1,21 +1,38 @@
-"""Config node with `_BASE_` inheritance and error messages that name the key and the file."""
+"""Config node with `_BASE_` inheritance and error messages that name the key and the file.
+
+Loading a config file never executes code from it. Files are parsed by
+:func:`.safe_yaml.load_config_yaml` (built on ``yaml.SafeLoader``, never ``unsafe_load``):
+
+- ``merge_from_file(path, allow_unsafe=True)`` (the default, as in Detectron2) accepts the one
+  Python tag the official Mask2Former / SeMask configs use,
+  ``!!python/object/apply:eval ["[int(x * 0.1 * 640) for x in range(5, 21)]"]``, and computes the
+  string with :func:`.safe_eval.safe_eval`: literals, arithmetic and comparisons,
+  ``int``/``float``/``round``/``range`` calls and comprehensions, with bounded size and work.
+  Every other Python tag (``!!python/object/apply:os.system``, ``!!python/object/new:...``,
+  ``!!python/name:...``, ``!!python/module:...``, ...), unknown tags and expressions outside
+  that grammar raise :class:`UnsafeConfigError` (a ``ValueError``) naming the file, the dotted
+  key, the YAML line/column and the tag.
+- ``allow_unsafe=False`` (the default of ``load_yaml_with_base``) refuses every Python tag,
+  the eval tag included.
+"""
 import copy
 import difflib
 import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-import yaml
 from fvcore.common.config import BASE_KEY
 from fvcore.common.config import CfgNode as _FvCfgNode
 from yacs.config import CfgNode as _YacsCfgNode
 
 from .defaults import DEEPLAB_DEFAULTS, DETECTRON2_DEFAULTS, MASKFORMER2_DEFAULTS
+from .safe_yaml import UnsafeConfigError, load_config_yaml
 
 __all__ = [
     "CfgNode",
     "ConfigKeyError",
     "ConfigTypeError",
+    "UnsafeConfigError",
     "get_cfg",
     "add_deeplab_config",
     "add_maskformer2_config",
@@ -39,8 +56,10 @@ class ConfigTypeError(ValueError):
 class CfgNode(_FvCfgNode):
     """fvcore ``CfgNode`` with Detectron2's loading behaviour and precise errors.
 
-    Like Detectron2: ``merge_from_file`` allows unsafe YAML tags by default (the official
-    configs use ``!!python/object/apply:eval``) and only VERSION 2 configs are accepted.
+    Like Detectron2, ``merge_from_file`` accepts the official configs'
+    ``!!python/object/apply:eval`` tag by default (``allow_unsafe=True``), but computes it with
+    the restricted evaluator of :mod:`.safe_eval` and refuses every other Python tag (see the
+    module docstring); only VERSION 2 configs are accepted.
     Unknown keys raise :class:`ConfigKeyError` naming the dotted key, its source and the
     closest known key; type mismatches raise :class:`ConfigTypeError`.
     """
@@ -60,17 +79,7 @@ class CfgNode(_FvCfgNode):
             raise ValueError(f"Circular _BASE_ chain: {' -> '.join(_stack + (filename,))}")
 
         with cls._open_cfg(filename) as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.constructor.ConstructorError as e:
-                if not allow_unsafe:
-                    raise ValueError(
-                        f"Config file '{filename}' uses unsafe YAML tags; "
-                        "pass allow_unsafe=True only if you trust it"
-                    ) from e
-                logger.warning("Loading config %s with yaml.unsafe_load", filename)
-                f.seek(0)
-                data = yaml.unsafe_load(f)
+            data = load_config_yaml(f, filename, allow_unsafe)
         if data is None:  # empty file
             data = {}
         if not isinstance(data, dict):
