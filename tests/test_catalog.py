@@ -1,7 +1,19 @@
+import importlib
+import pkgutil
+import re
+
 import pytest
 
-from mask2former.data import DatasetCatalog, Metadata, MetadataCatalog
-from mask2former.data.catalog import BUILTIN_METADATA_NAMES, thing_contiguous_ids
+import mask2former.data.datasets as datasets_pkg
+from mask2former.data import DatasetCatalog, Metadata, MetadataCatalog, prepare
+from mask2former.data.catalog import (
+    BUILTIN_FAMILIES,
+    BUILTIN_METADATA_NAMES,
+    builtin_families,
+    builtin_metadata,
+    thing_contiguous_ids,
+)
+from mask2former.data.datasets.builtin import builtin_dataset_names, builtin_specs
 
 M = MetadataCatalog.get
 
@@ -159,3 +171,84 @@ def test_mapillary():
 def test_thing_contiguous_ids_dict_and_missing():
     assert thing_contiguous_ids({"thing_dataset_id_to_contiguous_id": {5: 2}}) == {2}
     assert thing_contiguous_ids(Metadata(name="y")) is None
+
+
+# ------------------------------------------------------------------ families
+def test_every_family_listed_and_complete():
+    """Each module of mask2former.data.datasets that defines built-in names is a listed family,
+    and each family defines its metadata, datasets and preparation tasks."""
+    defining = set()
+    for info in pkgutil.iter_modules(datasets_pkg.__path__):
+        module = importlib.import_module(f"{datasets_pkg.__name__}.{info.name}")
+        if hasattr(module, "METADATA") or hasattr(module, "SPECS"):
+            defining.add(info.name)
+    assert defining == set(BUILTIN_FAMILIES)
+    for family in builtin_families():
+        assert isinstance(family.METADATA, dict) and family.METADATA, family.__name__
+        assert isinstance(family.SPECS, list) and isinstance(family.PREPARE, dict)
+        assert {s.name for s in family.SPECS} <= set(family.METADATA), family.__name__
+        assert family.__doc__ and "METADATA" in family.__doc__, family.__name__
+
+
+def test_every_name_defined_and_registered_once():
+    per_family = [n for f in builtin_families() for n in f.METADATA]
+    assert len(per_family) == len(set(per_family)) == len(BUILTIN_METADATA_NAMES)
+    assert set(per_family) == set(BUILTIN_METADATA_NAMES) == set(builtin_metadata())
+    names = builtin_dataset_names()
+    assert len(names) == len(set(names)) and set(names) <= set(BUILTIN_METADATA_NAMES)
+    assert all(n in DatasetCatalog for n in names)
+    # names with metadata only (COCO 2014, test-dev, ...) have no files layout to register
+    assert set(BUILTIN_METADATA_NAMES) - set(names) == {
+        "coco_2014_train", "coco_2014_val", "coco_2014_minival", "coco_2014_valminusminival",
+        "coco_2017_test", "coco_2017_test-dev", "coco_2017_val_100"}
+
+
+def test_specs_paths_and_layouts():
+    """Paths are relative to the datasets root, what must exist is among them, and the layout
+    shown for missing files names the dataset's folder and only prepare subcommands that exist."""
+    tasks = set(prepare.tasks())
+    for spec in builtin_specs():
+        assert spec.required and set(spec.required) <= set(spec.paths), spec.name
+        assert all(not p.startswith("/") for p in spec.paths.values()), spec.name
+        top = {p.split("/")[0] for p in spec.paths.values()}
+        assert len(top) == 1 and spec.layout.startswith(top.pop() + "/"), spec.name
+        for task in re.findall(r"prepare (\w+)", spec.layout):
+            assert task in tasks, (spec.name, task)
+
+
+# name prefix -> (stuff classes, thing classes, entries of the thing table) (None: no such key)
+_COUNTS = {
+    "coco_2014_": (None, 80, 80), "coco_2017_train": (None, 80, 80),
+    "coco_2017_val": (None, 80, 80), "coco_2017_test": (None, 80, 80),
+    "coco_2017_train_panoptic": (133, 80, 80), "coco_2017_val_panoptic": (133, 80, 80),
+    "coco_2017_train_stuff_10k": (171, None, None), "coco_2017_test_stuff_10k": (171, None, None),
+    "ade20k_sem_seg_": (150, None, None), "ade20k_full_sem_seg_": (847, None, None),
+    "ade20k_panoptic_": (150, 100, 100), "ade20k_instance_": (None, 100, 100),
+    "cityscapes_fine_sem_seg_": (19, 8, None), "cityscapes_fine_instance_seg_": (19, 8, None),
+    "cityscapes_fine_panoptic_": (19, 19, 8),
+    "mapillary_vistas_sem_seg_": (65, None, None), "mapillary_vistas_panoptic_": (65, 65, 37),
+}
+
+
+@pytest.mark.parametrize("name", BUILTIN_METADATA_NAMES)
+def test_builtin_class_counts_and_tables(name):
+    d = M(name).as_dict()
+    prefix = max((p for p in _COUNTS if name.startswith(p)), key=len)
+    n_stuff, n_thing, n_table = _COUNTS[prefix]
+    assert len(d.get("stuff_classes", ())) == (n_stuff or 0)
+    assert len(d.get("thing_classes", ())) == (n_thing or 0)
+    things = d.get("thing_dataset_id_to_contiguous_id")
+    assert (None if things is None else len(things)) == n_table
+    stuff = d.get("stuff_dataset_id_to_contiguous_id") or {}
+    if things and "stuff_classes" in d:
+        # panoptic: the things' contiguous ids index stuff_classes, which lists every class;
+        # thing_classes are those classes in contiguous order (or every class)
+        assert all(stuff.get(k, v) == v for k, v in things.items())
+        named = [d["stuff_classes"][v] for v in sorted(things.values())]
+        assert d["thing_classes"] in (named, d["stuff_classes"])
+    elif things:
+        assert sorted(things.values()) == list(range(len(d["thing_classes"])))
+    elif "thing_classes" in d:  # Cityscapes semantic / instance: the things close the list
+        assert d["stuff_classes"][-len(d["thing_classes"]):] == d["thing_classes"]
+    if stuff:
+        assert set(stuff.values()) <= set(range(len(d["stuff_classes"])))

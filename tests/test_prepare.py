@@ -249,3 +249,33 @@ def test_ade20k_panoptic_errors(tmp_path, capsys):
     (ade / "annotations_instance" / "validation" / "ADE_val_00000001.png").unlink()
     assert _main("ade20k_instance", tmp_path) == 1
     assert "annotations_instance.tar" in capsys.readouterr().err
+
+
+def test_unreadable_annotation_is_reported(tmp_path, capsys):
+    """A truncated label PNG stops the conversion with an error naming the file (not a
+    traceback), as a missing one does with what to unpack."""
+    ade, _, _ = _make_ade(tmp_path)
+    png = ade / "annotations" / "validation" / "ADE_val_00000001.png"
+    png.write_bytes(png.read_bytes()[:40])
+    for task in ("ade20k_sem_seg", "ade20k_panoptic"):
+        assert _main(task, tmp_path) == 1
+        err = capsys.readouterr().err
+        assert str(png) in err and "cannot be read as an image" in err, err
+    png.unlink()
+    assert _main("ade20k_panoptic", tmp_path) == 1
+    assert f"{png} not found: unzip ADEChallengeData2016.zip" in capsys.readouterr().err
+
+
+def test_tasks_come_from_the_families(capsys):
+    """Each subcommand is a family's conversion; the command line offers exactly those."""
+    from mask2former.data.catalog import builtin_families
+
+    table = prepare.tasks()
+    assert sorted(table) == ["ade20k_full", "ade20k_instance", "ade20k_panoptic", "ade20k_sem_seg",
+                             "coco_panoptic_semseg", "coco_stuff_10k"]
+    owners = {name: f.__name__.rsplit(".", 1)[1] for f in builtin_families() for name in f.PREPARE}
+    assert all(name.startswith(owners[name].split("_")[0]) for name in table)
+    assert table["coco_stuff_10k"] is prepare.convert_coco_stuff_10k
+    with pytest.raises(SystemExit):
+        prepare.main(["no_such_task"])
+    assert "invalid choice: 'no_such_task'" in capsys.readouterr().err

@@ -1,9 +1,13 @@
-"""Dataset / metadata registries and the built-in metadata of the standard benchmarks.
+"""Dataset / metadata registries, and where the built-in metadata comes from.
 
 This is a dependency-free stand-in for Detectron2's ``DatasetCatalog`` and
-``MetadataCatalog``. The category tables of the built-in datasets live as JSON
-files in ``mask2former/data/metadata/``; the metadata for a built-in name is
-built from them the first time ``MetadataCatalog.get(name)`` is called.
+``MetadataCatalog``. The built-in datasets come in families, one module each under
+:mod:`mask2former.data.datasets` (listed in :data:`BUILTIN_FAMILIES`); a family module holds
+``METADATA`` (official name -> builder of that name's metadata dict), ``SPECS`` (the datasets
+registered under ``$DETECTRON2_DATASETS``) and ``PREPARE`` (its ``python -m
+mask2former.data.prepare`` subcommands). The category tables they build from are JSON files in
+``mask2former/data/metadata/`` (:func:`builtin_categories`); the metadata for a built-in name is
+built the first time ``MetadataCatalog.get(name)`` is called.
 
 Conventions (same as Mask2Former):
 
@@ -17,11 +21,13 @@ Conventions (same as Mask2Former):
 """
 
 import copy
+import importlib
 import json
 import os
 from collections import OrderedDict
 from functools import lru_cache
-from typing import Any, Callable, Dict, List, Optional, Set
+from types import ModuleType
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 __all__ = [
     "Metadata",
@@ -29,6 +35,11 @@ __all__ = [
     "DatasetCatalog",
     "thing_contiguous_ids",
     "BUILTIN_METADATA_NAMES",
+    "BUILTIN_FAMILIES",
+    "builtin_families",
+    "family_table",
+    "builtin_metadata",
+    "builtin_categories",
 ]
 
 _METADATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metadata")
@@ -162,7 +173,7 @@ class _MetadataCatalog:
         meta = self._metas.get(name)
         if meta is None:
             meta = Metadata(name=name)
-            builder = _BUILTIN.get(name)
+            builder = builtin_metadata().get(name)
             if builder is not None:
                 meta.set(**builder())
             self._metas[name] = meta
@@ -170,7 +181,7 @@ class _MetadataCatalog:
 
     def list(self) -> List[str]:
         """Names with metadata: those accessed so far plus all built-in names."""
-        return list(self._metas) + [n for n in _BUILTIN if n not in self._metas]
+        return list(self._metas) + [n for n in builtin_metadata() if n not in self._metas]
 
     def remove(self, name: str) -> None:
         self._metas.pop(name, None)
@@ -179,7 +190,7 @@ class _MetadataCatalog:
         self._metas.clear()
 
     def __contains__(self, name: str) -> bool:
-        return name in self._metas or name in _BUILTIN
+        return name in self._metas or name in builtin_metadata()
 
     def __repr__(self) -> str:
         return f"MetadataCatalog(names={self.list()})"
@@ -201,180 +212,58 @@ def thing_contiguous_ids(metadata: Any) -> Optional[Set[int]]:
 
 
 # --------------------------------------------------------------------------- #
-# Built-in metadata
+# Built-in families
 # --------------------------------------------------------------------------- #
+#: The modules of :mod:`mask2former.data.datasets` that define built-in datasets; a new family
+#: is one module with METADATA / SPECS / PREPARE and one entry here. (The synthetic set and the
+#: YAML-described datasets register themselves; their names are not built-in.)
+BUILTIN_FAMILIES = ("coco", "ade20k", "cityscapes", "mapillary_vistas")
+
+
+@lru_cache(maxsize=None)
+def builtin_families() -> Tuple[ModuleType, ...]:
+    """The family modules of :data:`BUILTIN_FAMILIES`, imported on first use (they import this
+    module, so it cannot import them at load time)."""
+    return tuple(importlib.import_module(f"{__package__}.datasets.{f}") for f in BUILTIN_FAMILIES)
+
+
+def family_table(attr: str) -> "OrderedDict[str, Any]":
+    """The mappings ``attr`` (``"METADATA"``, ``"PREPARE"``) of every family merged, in family
+    order; a key defined by two families is an error."""
+    table: "OrderedDict[str, Any]" = OrderedDict()
+    for family in builtin_families():
+        for key, value in getattr(family, attr).items():
+            if key in table:
+                raise RuntimeError(f"{attr} entry {key!r} of {family.__name__} is also defined by "
+                                   "another family")
+            table[key] = value
+    return table
+
+
+@lru_cache(maxsize=None)
+def builtin_metadata() -> "OrderedDict[str, Callable[[], dict]]":
+    """Every built-in name -> the builder of its metadata dict (class tables, evaluator_type,
+    ignore_label ...)."""
+    return family_table("METADATA")
+
+
 @lru_cache(maxsize=None)
 def _table(name: str) -> tuple:
     with open(os.path.join(_METADATA_DIR, name + ".json"), encoding="utf-8") as f:
         return tuple(json.load(f))
 
 
-def _cats(name: str) -> List[dict]:
+def builtin_categories(name: str) -> List[dict]:
+    """A fresh copy of the category list ``mask2former/data/metadata/<name>.json`` (dicts with
+    ``id``, ``name`` and, per table, ``isthing``, ``color``, ``trainId`` ...)."""
     return copy.deepcopy(list(_table(name)))
 
 
-def _panoptic_meta(cats: List[dict], things_only_thing_classes: bool, stuff_map_all: bool) -> dict:
-    """Panoptic metadata where contiguous ids enumerate ``cats`` (things and stuff together)."""
-    things = [c for c in cats if c["isthing"]]
-    thing_src = things if things_only_thing_classes else cats
-    return {
-        "thing_classes": [c["name"] for c in thing_src],
-        "thing_colors": [c["color"] for c in thing_src],
-        "stuff_classes": [c["name"] for c in cats],
-        "stuff_colors": [c["color"] for c in cats],
-        "thing_dataset_id_to_contiguous_id": {
-            c["id"]: i for i, c in enumerate(cats) if c["isthing"]
-        },
-        "stuff_dataset_id_to_contiguous_id": {
-            c["id"]: i for i, c in enumerate(cats) if stuff_map_all or not c["isthing"]
-        },
-    }
+_cats = builtin_categories  # the former name (evaluation/cityscapes_evaluation.py uses it)
 
 
-def _coco_instances() -> dict:
-    things = [c for c in _cats("coco_panoptic") if c["isthing"]]
-    return {
-        "thing_classes": [c["name"] for c in things],
-        "thing_colors": [c["color"] for c in things],
-        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(things)},
-        "evaluator_type": "coco",
-    }
-
-
-def _coco_panoptic(with_sem_seg: bool) -> dict:
-    # Mask2Former: thing_classes/thing_colors hold only the 80 things, stuff_* all 133.
-    # The plain split keeps a stuff-only stuff table; "_with_sem_seg" maps all 133
-    # (so that the semantic-segmentation evaluator can be used too).
-    meta = _panoptic_meta(_cats("coco_panoptic"), True, stuff_map_all=with_sem_seg)
-    meta.update(evaluator_type="coco_panoptic_seg", ignore_label=255, label_divisor=1000)
-    return meta
-
-
-def _coco_stuff_10k() -> dict:
-    cats = _cats("coco_stuff_171")
-    return {
-        "stuff_classes": [c["name"] for c in cats],
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats)},
-        "evaluator_type": "sem_seg",
-        "ignore_label": 255,
-    }
-
-
-def _ade20k_sem_seg() -> dict:
-    cats = _cats("ade20k_150")
-    return {
-        "stuff_classes": [c["name"] for c in cats],
-        "stuff_colors": [c["color"] for c in cats],
-        "evaluator_type": "sem_seg",
-        "ignore_label": 255,
-    }
-
-
-def _ade20k_full() -> dict:
-    cats = _cats("ade20k_847")
-    return {
-        "stuff_classes": [c["name"] for c in cats],
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: c["trainId"] for c in cats},
-        "evaluator_type": "sem_seg",
-        "ignore_label": 65535,  # labels are stored as 16-bit images
-    }
-
-
-def _ade20k_panoptic() -> dict:
-    meta = _panoptic_meta(_cats("ade20k_150"), True, stuff_map_all=True)
-    meta.update(evaluator_type="ade20k_panoptic_seg", ignore_label=255, label_divisor=1000)
-    return meta
-
-
-def _ade20k_instance() -> dict:
-    cats = _cats("ade20k_instance_100")
-    color_of = {c["id"]: c["color"] for c in _cats("ade20k_150")}
-    return {
-        "thing_classes": [c["name"] for c in cats],
-        "thing_colors": [color_of[c["id"]] for c in cats],
-        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats)},
-        "evaluator_type": "coco",
-    }
-
-
-def _cityscapes(task: str) -> dict:
-    cats = sorted(_cats("cityscapes"), key=lambda c: c["trainId"])
-    things = [c for c in cats if c["isthing"]]
-    meta = {
-        "thing_classes": [c["name"] for c in things],
-        "thing_colors": [c["color"] for c in things],
-        "stuff_classes": [c["name"] for c in cats],
-        "stuff_colors": [c["color"] for c in cats],
-    }
-    if task == "sem_seg":
-        meta.update(evaluator_type="cityscapes_sem_seg", ignore_label=255)
-    else:
-        meta.update(evaluator_type="cityscapes_instance")
-    return meta
-
-
-def _cityscapes_panoptic() -> dict:
-    cats = sorted(_cats("cityscapes"), key=lambda c: c["trainId"])
-    return {
-        # contiguous ids are the Cityscapes train ids (0..18)
-        "thing_classes": [c["name"] for c in cats],
-        "thing_colors": [c["color"] for c in cats],
-        "stuff_classes": [c["name"] for c in cats],
-        "stuff_colors": [c["color"] for c in cats],
-        "thing_dataset_id_to_contiguous_id": {c["id"]: c["trainId"] for c in cats if c["isthing"]},
-        "stuff_dataset_id_to_contiguous_id": {
-            c["id"]: c["trainId"] for c in cats if not c["isthing"]
-        },
-        "evaluator_type": "cityscapes_panoptic_seg",
-        "ignore_label": 255,
-        "label_divisor": 1000,
-    }
-
-
-def _mapillary_sem_seg() -> dict:
-    cats = [c for c in _cats("mapillary_vistas_sem_seg") if c["evaluate"]]
-    return {
-        "stuff_classes": [c["readable"] for c in cats],
-        "stuff_colors": [c["color"] for c in cats],
-        "evaluator_type": "sem_seg",
-        "ignore_label": 65,  # Mapillary Vistas uses 65 ("unlabeled") as ignore
-    }
-
-
-def _mapillary_panoptic() -> dict:
-    # As in Mask2Former, thing_classes lists all 65 classes here.
-    meta = _panoptic_meta(_cats("mapillary_vistas_panoptic"), False, stuff_map_all=True)
-    meta.update(
-        evaluator_type="mapillary_vistas_panoptic_seg", ignore_label=65, label_divisor=1000
-    )
-    return meta
-
-
-def _builtin_table() -> Dict[str, Callable[[], dict]]:
-    t: Dict[str, Callable[[], dict]] = OrderedDict()
-    for name in [
-        "coco_2014_train", "coco_2014_val", "coco_2014_minival", "coco_2014_valminusminival",
-        "coco_2017_train", "coco_2017_val", "coco_2017_test", "coco_2017_test-dev",
-        "coco_2017_val_100",
-    ]:
-        t[name] = _coco_instances
-    for split in ("train", "val"):
-        t[f"coco_2017_{split}_panoptic"] = lambda: _coco_panoptic(False)
-        t[f"coco_2017_{split}_panoptic_with_sem_seg"] = lambda: _coco_panoptic(True)
-        t[f"ade20k_sem_seg_{split}"] = _ade20k_sem_seg
-        t[f"ade20k_full_sem_seg_{split}"] = _ade20k_full
-        t[f"ade20k_panoptic_{split}"] = _ade20k_panoptic
-        t[f"ade20k_instance_{split}"] = _ade20k_instance
-        t[f"cityscapes_fine_panoptic_{split}"] = _cityscapes_panoptic
-        t[f"mapillary_vistas_sem_seg_{split}"] = _mapillary_sem_seg
-        t[f"mapillary_vistas_panoptic_{split}"] = _mapillary_panoptic
-    for split in ("train", "test"):
-        t[f"coco_2017_{split}_stuff_10k_sem_seg"] = _coco_stuff_10k
-    for split in ("train", "val", "test"):
-        t[f"cityscapes_fine_sem_seg_{split}"] = lambda: _cityscapes("sem_seg")
-        t[f"cityscapes_fine_instance_seg_{split}"] = lambda: _cityscapes("instance_seg")
-    return t
-
-
-_BUILTIN = _builtin_table()
-BUILTIN_METADATA_NAMES = tuple(_BUILTIN)
+def __getattr__(name: str) -> Any:
+    # BUILTIN_METADATA_NAMES needs the family modules, which import this one: computed on access
+    if name == "BUILTIN_METADATA_NAMES":
+        return tuple(builtin_metadata())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,7 +46,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..catalog import BUILTIN_METADATA_NAMES, DatasetCatalog, MetadataCatalog
-from ._common import load_json
+from ._common import instances_metadata, load_json, panoptic_metadata
 from .register import register_coco_instances, register_coco_panoptic, register_sem_seg
 
 __all__ = [
@@ -139,32 +139,11 @@ def _colors(n: int) -> List[List[int]]:
     return out
 
 
-def _category_colors(cats: List[dict]) -> List[List[int]]:
+def _with_colors(cats: List[dict]) -> List[dict]:
+    """``cats`` with a ``color`` each: its own, else a default one."""
     default = _colors(len(cats))
-    return [list(c["color"]) if c.get("color") else default[i] for i, c in enumerate(cats)]
-
-
-def _panoptic_metadata(cats: List[dict]) -> dict:
-    colors = _category_colors(cats)
-    things = [i for i, c in enumerate(cats) if c["isthing"]]
-    return {
-        # Mask2Former's convention: thing_* lists the things, stuff_* every class
-        "thing_classes": [cats[i]["name"] for i in things],
-        "thing_colors": [colors[i] for i in things],
-        "stuff_classes": [c["name"] for c in cats],
-        "stuff_colors": colors,
-        "thing_dataset_id_to_contiguous_id": {cats[i]["id"]: i for i in things},
-        # every class, so that the semantic evaluator can map predictions back
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats)},
-    }
-
-
-def _instances_metadata(cats: List[dict]) -> dict:
-    return {
-        "thing_classes": [c["name"] for c in cats],
-        "thing_colors": _category_colors(cats),
-        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats)},
-    }
+    return [dict(c, color=list(c["color"]) if c.get("color") else default[i])
+            for i, c in enumerate(cats)]
 
 
 def _json_categories(json_path: str, where: str, panoptic: bool) -> List[dict]:
@@ -255,7 +234,9 @@ def _metadata_of(entry: dict, where: str) -> dict:
     if cats is None:
         json_path = entry["panoptic_json"] if panoptic else entry["json_file"]
         cats = _json_categories(json_path, where, panoptic)
-    return _panoptic_metadata(cats) if panoptic else _instances_metadata(cats)
+    # Mask2Former's convention for panoptic: thing_* lists the things, stuff_* every class, and
+    # the stuff table maps every class (so that the semantic evaluator can map predictions back)
+    return (panoptic_metadata if panoptic else instances_metadata)(_with_colors(cats))
 
 
 def register_datasets_yaml(path: str) -> List[str]:

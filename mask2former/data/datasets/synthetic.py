@@ -25,6 +25,9 @@ from typing import Dict, List, Optional
 import numpy as np
 from PIL import Image
 
+from ..ids import id2rgb
+from . import _common
+
 logger = logging.getLogger(__name__)
 
 VERSION = 1
@@ -45,8 +48,7 @@ _SEEDS = {"train": 20260101, "val": 20260202}
 
 def synthetic_root(datasets_root: Optional[str] = None) -> str:
     """``$DETECTRON2_DATASETS/synthetic`` (default ``./datasets/synthetic``)."""
-    base = datasets_root or os.environ.get("DETECTRON2_DATASETS", "datasets")
-    return os.path.join(os.path.expanduser(base), "synthetic")
+    return os.path.join(_common.datasets_root(datasets_root or None), "synthetic")
 
 
 def split_paths(root: str, split: str) -> Dict[str, str]:
@@ -60,18 +62,11 @@ def split_paths(root: str, split: str) -> Dict[str, str]:
 
 
 def metadata() -> dict:
-    """Category tables in the COCO-panoptic convention used by the built-in datasets."""
-    things = [c for c in CATEGORIES if c["isthing"]]
-    return {
-        "thing_classes": [c["name"] for c in things],
-        "thing_colors": [tuple(c["color"]) for c in things],
-        "stuff_classes": [c["name"] for c in CATEGORIES],
-        "stuff_colors": [tuple(c["color"]) for c in CATEGORIES],
-        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(CATEGORIES) if c["isthing"]},
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(CATEGORIES)},
-        "ignore_label": 255,
-        "label_divisor": 1000,
-    }
+    """Category tables in the COCO-panoptic convention used by the built-in datasets (colours
+    as tuples)."""
+    meta = _common.panoptic_metadata([dict(c, color=tuple(c["color"])) for c in CATEGORIES])
+    meta.update(ignore_label=255, label_divisor=1000)
+    return meta
 
 
 # ------------------------------------------------------------------------------------ drawing
@@ -140,10 +135,6 @@ def render_sample(rng, size: int = IMAGE_SIZE):
     return np.clip(image, 0, 255).astype(np.uint8), seg, segments
 
 
-def _id_to_rgb(seg: np.ndarray) -> np.ndarray:
-    return np.stack([seg % 256, (seg // 256) % 256, seg // 65536], -1).astype(np.uint8)
-
-
 def _bbox(mask: np.ndarray) -> List[float]:
     ys, xs = np.nonzero(mask)
     return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
@@ -163,7 +154,7 @@ def _write_split(root: str, split: str, count: int) -> None:
         image, seg, segments = render_sample(rng)
         name = f"{image_id:06d}"
         Image.fromarray(image).save(os.path.join(paths["image_root"], name + ".png"))
-        Image.fromarray(_id_to_rgb(seg)).save(os.path.join(paths["panoptic_root"], name + ".png"))
+        Image.fromarray(id2rgb(seg)).save(os.path.join(paths["panoptic_root"], name + ".png"))
         sem = np.full(seg.shape, 255, np.uint8)
         infos = []
         for s in segments:
