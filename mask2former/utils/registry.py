@@ -1,4 +1,6 @@
 """Registries that map the official component names (as written in configs) to classes."""
+from typing import List, Optional
+
 from fvcore.common.registry import Registry
 
 BACKBONE_REGISTRY = Registry("BACKBONE")
@@ -37,7 +39,7 @@ class NamedRegistry(Registry):
             raise KeyError(f"{name!r} is already registered in the {self._name} registry")
         self._obj_map[name] = obj
 
-    def register(self, obj=None, *, name: str = None):
+    def register(self, obj=None, *, name: Optional[str] = None):
         if name is None:
             return super().register(obj)
         if obj is None:
@@ -56,7 +58,7 @@ class NamedRegistry(Registry):
 
     __getitem__ = get
 
-    def names(self):
+    def names(self) -> List[str]:
         """The registered names, sorted."""
         return sorted(self._obj_map)
 

@@ -67,6 +67,7 @@ from ..image_io import (  # noqa: F401  (live in data/image_io.py)
     read_image,
     read_label_map,
 )
+from . import official
 from .core import TASKS, MaskFormerMapper  # noqa: F401  (TASKS was defined here)
 from .official import (
     MAPPER_REGISTRY,
@@ -80,19 +81,5 @@ from .official import (
     register_mapper,
 )
 
-__all__ = [
-    "BadSampleError",
-    "MaskFormerMapper",
-    "MAPPER_REGISTRY",
-    "register_mapper",
-    "build_mapper",
-    "build_augmentations",
-    "MaskFormerSemanticDatasetMapper",
-    "MaskFormerPanopticDatasetMapper",
-    "MaskFormerInstanceDatasetMapper",
-    "COCOPanopticNewBaselineDatasetMapper",
-    "COCOInstanceNewBaselineDatasetMapper",
-    "read_image",
-    "read_label_map",
-    "rgb2id",
-]
+__all__ = ["BadSampleError", "MaskFormerMapper", "read_image", "read_label_map", "rgb2id"]
+__all__ += official.__all__
