@@ -12,13 +12,20 @@ from PIL import Image
 
 from mask2former.config import get_cfg
 from mask2former.data import (
+    MAPPER_REGISTRY,
     BadSampleError,
+    COCOInstanceNewBaselineDatasetMapper,
+    COCOPanopticNewBaselineDatasetMapper,
     DatasetCatalog,
     DatasetFormatError,
+    MaskFormerInstanceDatasetMapper,
     MaskFormerMapper,
+    MaskFormerPanopticDatasetMapper,
+    MaskFormerSemanticDatasetMapper,
     MetadataCatalog,
     TrainingSampler,
     build_detection_test_loader,
+    build_augmentations,
     build_detection_train_loader,
     build_mapper,
     load_coco_instances_json,
@@ -26,13 +33,15 @@ from mask2former.data import (
     load_sem_seg,
     register_coco_instances,
     register_coco_panoptic,
+    register_mapper,
     register_sem_seg,
     reset_skipped_samples,
     skipped_samples,
 )
 from mask2former.data import transforms as T
-from mask2former.data.build import _aspect_groups, get_detection_dataset_dicts
+from mask2former.data.build import get_detection_dataset_dicts
 from mask2former.data.dataset_mappers import read_image
+from mask2former.data.samplers import aspect_groups as _aspect_groups
 
 # --------------------------------------------------------------------------- #
 # A tiny COCO-style dataset
@@ -570,6 +579,116 @@ def test_inference_mapper(coco):
 def test_unknown_mapper_name():
     with pytest.raises(KeyError, match="mask_former_semantic"):
         build_mapper(_cfg(INPUT__DATASET_MAPPER_NAME="nope"), True)
+
+
+# --------------------------------------------------------------------------- #
+# The mapper registry and the official mapper classes
+# --------------------------------------------------------------------------- #
+OFFICIAL_MAPPERS = [  # INPUT.DATASET_MAPPER_NAME, official class, task, style, dicts
+    ("mask_former_semantic", MaskFormerSemanticDatasetMapper, "semantic", "resize_crop", _sem_dicts),
+    ("mask_former_panoptic", MaskFormerPanopticDatasetMapper, "panoptic", "resize_crop", _pan_dicts),
+    ("mask_former_instance", MaskFormerInstanceDatasetMapper, "instance", "resize_crop", _inst_dicts),
+    ("coco_panoptic_lsj", COCOPanopticNewBaselineDatasetMapper, "panoptic", "lsj", _pan_dicts),
+    ("coco_instance_lsj", COCOInstanceNewBaselineDatasetMapper, "instance", "lsj", _inst_dicts),
+]
+
+
+@pytest.mark.parametrize("name,cls,task,style,_", OFFICIAL_MAPPERS)
+def test_official_mapper_names_resolve(name, cls, task, style, _):
+    assert MAPPER_REGISTRY.get(name) is cls and MAPPER_REGISTRY[name] is cls
+    cfg = _cfg(INPUT__DATASET_MAPPER_NAME=name, INPUT__CROP__ENABLED=True, INPUT__COLOR_AUG_SSD=True)
+    mapper = build_mapper(cfg, True)
+    assert type(mapper) is cls and isinstance(mapper, MaskFormerMapper)
+    assert mapper.task == task and mapper.is_train and mapper.name == name
+    kinds = [type(a) for a in mapper.augmentations]
+    if style == "lsj":
+        assert kinds == [T.RandomFlip, T.ResizeScale, T.FixedSizeCrop]
+        assert mapper.with_boxes and mapper.filter_empty_instances == (task == "instance")
+    else:
+        crop = T.RandomCrop if task == "instance" else T.RandomCropCategoryAreaConstraint
+        assert kinds == [T.ResizeShortestEdge, crop, T.ColorAugSSD, T.RandomFlip]
+        assert not mapper.with_boxes and not mapper.filter_empty_instances
+    test_mapper = build_mapper(cfg, False)
+    assert type(test_mapper) is cls and not test_mapper.is_train
+    assert [type(a) for a in test_mapper.augmentations] == [T.ResizeShortestEdge]
+
+
+def _same_sample(a, b):
+    assert a.keys() == b.keys()
+    assert torch.equal(a["image"], b["image"])
+    if "instances" in a:
+        assert torch.equal(a["instances"].gt_classes, b["instances"].gt_classes)
+        assert torch.equal(a["instances"].gt_masks, b["instances"].gt_masks)
+    if "sem_seg" in a:
+        assert torch.equal(a["sem_seg"], b["sem_seg"])
+
+
+@pytest.mark.parametrize("name,cls,task,style,dicts", OFFICIAL_MAPPERS)
+def test_official_classes_construct_from_cfg_like_the_registry(coco, name, cls, task, style, dicts):
+    cfg = _cfg(INPUT__DATASET_MAPPER_NAME=name, INPUT__CROP__ENABLED=True,
+               INPUT__CROP__SIZE=[0.6, 0.6], INPUT__SIZE_DIVISIBILITY=32)
+    d = dicts(coco)[1]
+    for is_train in (True, False):
+        official = cls(cfg, is_train=is_train)
+        assert official.is_train == is_train and official.size_divisibility == 32
+        assert repr(official.augmentations) == repr(build_mapper(cfg, is_train).augmentations)
+        ref = build_mapper(cfg, is_train)(d, rng=np.random.default_rng(5))
+        _same_sample(official(d, rng=np.random.default_rng(5)), ref)
+        # the official keyword form, and the core with the same settings, give the same sample
+        augs = build_augmentations(cfg, is_train, style, category_area_crop=task != "instance")
+        by_keywords = cls(is_train, augmentations=augs, image_format="BGR", ignore_label=255,
+                          size_divisibility=32)
+        core = MaskFormerMapper(is_train, augmentations=augs, task=task, size_divisibility=32,
+                                with_boxes=style == "lsj",
+                                filter_empty_instances=name == "coco_instance_lsj")
+        for other in (by_keywords, core):
+            _same_sample(other(d, rng=np.random.default_rng(5)), ref)
+
+
+@pytest.fixture()
+def custom_mapper_name():
+    name = "test_data_custom_mapper"
+    yield name
+    MAPPER_REGISTRY._obj_map.pop(name, None)  # fvcore registries have no public removal
+
+
+def test_custom_registered_mapper_is_used_by_the_train_loader(coco, custom_mapper_name):
+    built = []
+
+    @register_mapper(custom_mapper_name)
+    class TaggingMapper(MaskFormerPanopticDatasetMapper):
+        def __init__(self, cfg, is_train=True):
+            super().__init__(cfg, is_train)
+            built.append(is_train)
+
+        def __call__(self, dataset_dict, rng=None):
+            return dict(super().__call__(dataset_dict, rng), tag="custom")
+
+    assert custom_mapper_name in MAPPER_REGISTRY.names()
+    cfg = _cfg(INPUT__DATASET_MAPPER_NAME=custom_mapper_name)
+    batch = next(iter(build_detection_train_loader(cfg, dataset=_pan_dicts(coco))))
+    assert built == [True] and len(batch) == 2
+    assert all(s["tag"] == "custom" and len(s["instances"]) > 0 for s in batch)
+    with pytest.raises(KeyError, match="already registered"):
+        register_mapper(custom_mapper_name)(lambda cfg, is_train=True: None)
+    with pytest.raises(KeyError, match="already registered"):
+        register_mapper("mask_former_semantic")(lambda cfg, is_train=True: None)
+
+
+def test_unknown_mapper_name_lists_the_registered_names(coco, custom_mapper_name):
+    register_mapper(custom_mapper_name)(lambda cfg, is_train=True: None)
+    cfg = _cfg(INPUT__DATASET_MAPPER_NAME="mask_former_semnatic")
+    for build in (lambda: build_mapper(cfg, True),
+                  lambda: build_detection_train_loader(cfg, dataset=_pan_dicts(coco))):
+        with pytest.raises(KeyError) as e:
+            build()
+        msg = str(e.value)
+        assert "'mask_former_semnatic'" in msg and "DATASET_MAPPER_NAME" in msg
+        for name, *_ in OFFICIAL_MAPPERS:
+            assert f"'{name}'" in msg
+        assert f"'{custom_mapper_name}'" in msg
+    with pytest.raises(KeyError, match="coco_instance_lsj"):
+        MAPPER_REGISTRY.get("nope")
 
 
 # --------------------------------------------------------------------------- #

@@ -38,6 +38,9 @@ from iteration ``k`` on:
 To resume exactly, the trainer resolves ``SEED < 0`` to a drawn seed once, stores it in its
 checkpoints with the iteration number, and builds the loader with that seed as ``SEED``.
 
+The samplers and the batch plan are in :mod:`mask2former.data.samplers`; this module holds the
+dataset dicts, the mapping with explicit randomness and bad-sample retries, and the loaders.
+
 Inference loader
 ================
 ``build_detection_test_loader(cfg, dataset_name, mapper=None)`` yields ``[sample]`` (batch 1) in
@@ -49,18 +52,19 @@ from __future__ import annotations
 import collections
 import logging
 import pickle
-import random
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..utils import comm
-from ..utils.rng import resolve_seed, seeded_global_rngs
+from ..utils.rng import seed_all_rng, seeded_global_rngs
 from .catalog import DatasetCatalog
-from .dataset_mappers import BadSampleError, build_mapper
+from .dataset_mappers import build_mapper
+from .image_io import BadSampleError
+# The samplers and the batch plan live in data/samplers.py; importable from here as before.
+from .samplers import BatchPlan, InferenceSampler, TrainingSampler, aspect_groups
 
 __all__ = [
     "build_detection_train_loader",
@@ -144,138 +148,6 @@ class _SerializedList:
         return pickle.loads(self._data[start:int(self._addr[i])].tobytes())
 
 
-def _image_size_from_header(file_name: str) -> Optional[Tuple[int, int]]:
-    try:
-        with Image.open(file_name) as im:
-            w, h = im.size
-            try:
-                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
-                    w, h = h, w
-            except Exception:
-                pass
-        return h, w
-    except Exception:
-        return None
-
-
-def _aspect_groups(dicts: Sequence[dict]) -> np.ndarray:
-    """0 for landscape (w > h), 1 otherwise, from the dicts' original sizes (image headers are
-    read for dicts without height/width; unreadable ones go to group 0)."""
-    groups = np.zeros(len(dicts), dtype=np.int8)
-    n_read = 0
-    for i, d in enumerate(dicts):
-        if "height" in d and "width" in d:
-            h, w = d["height"], d["width"]
-        else:
-            n_read += 1
-            hw = _image_size_from_header(d["file_name"])
-            if hw is None:
-                continue
-            h, w = hw
-        groups[i] = 0 if w > h else 1
-    if n_read:
-        logger.info(f"Aspect-ratio grouping: read the size of {n_read} images from their headers")
-    return groups
-
-
-# --------------------------------------------------------------------------- #
-# Samplers
-# --------------------------------------------------------------------------- #
-class TrainingSampler(Sampler):
-    """Infinite stream of dataset indices, shuffled per epoch, sharded by rank.
-
-    Position ``p`` of the global stream holds ``perm(seed, p // size)[p % size]``; this rank
-    yields positions ``rank, rank + world_size, ...``. See the module docstring.
-    """
-
-    def __init__(self, size: int, shuffle: bool = True, seed: Optional[int] = None,
-                 rank: Optional[int] = None, world_size: Optional[int] = None):
-        if size <= 0:
-            raise ValueError(f"TrainingSampler needs a non-empty dataset, got size {size}")
-        self.size = int(size)
-        self.shuffle = shuffle
-        self.seed = resolve_seed(seed, "data seed")
-        self.rank = comm.get_rank() if rank is None else int(rank)
-        self.world_size = comm.get_world_size() if world_size is None else int(world_size)
-        self._perm_epoch = -1
-        self._perm: Optional[np.ndarray] = None
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = rng.permutation(self.size)
-            self._perm_epoch = epoch
-        return self._perm
-
-    def index_at(self, position: int) -> int:
-        """Dataset index at a global stream position."""
-        if not self.shuffle:
-            return position % self.size
-        return int(self.permutation(position // self.size)[position % self.size])
-
-    def positions(self, start: int = 0) -> Iterator[int]:
-        """Global positions of this rank, from its ``start``-th one on."""
-        p = start * self.world_size + self.rank
-        while True:
-            yield p
-            p += self.world_size
-
-    def __iter__(self) -> Iterator[int]:
-        for p in self.positions():
-            yield self.index_at(p)
-
-
-class InferenceSampler(Sampler):
-    """Each index exactly once, in order; rank ``r`` gets the ``r``-th contiguous shard."""
-
-    def __init__(self, size: int, rank: Optional[int] = None, world_size: Optional[int] = None):
-        rank = comm.get_rank() if rank is None else int(rank)
-        world_size = comm.get_world_size() if world_size is None else int(world_size)
-        shard, extra = divmod(size, world_size)
-        begin = rank * shard + min(rank, extra)
-        self._indices = range(begin, begin + shard + (1 if rank < extra else 0))
-
-    def __iter__(self):
-        return iter(self._indices)
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-
-class _BatchPlan:
-    """Iterable of batches ``[(position, dataset_index), ...]`` for iterations >= start_iter."""
-
-    def __init__(self, sampler: TrainingSampler, batch_size: int,
-                 groups: Optional[np.ndarray], start_iter: int = 0):
-        self.sampler = sampler
-        self.batch_size = int(batch_size)
-        self.groups = groups
-        self.start_iter = int(start_iter)
-
-    def __iter__(self):
-        s, bsz = self.sampler, self.batch_size
-        if self.groups is None:
-            positions = s.positions(self.start_iter * bsz)
-            while True:
-                batch = []
-                for _ in range(bsz):
-                    p = next(positions)
-                    batch.append((p, s.index_at(p)))
-                yield batch
-        buckets: Dict[int, List[Tuple[int, int]]] = collections.defaultdict(list)
-        iteration = 0
-        groups = self.groups
-        for p in s.positions(0):
-            idx = s.index_at(p)
-            bucket = buckets[int(groups[idx])]
-            bucket.append((p, idx))
-            if len(bucket) == bsz:
-                if iteration >= self.start_iter:
-                    yield list(bucket)
-                iteration += 1
-                bucket.clear()
-
-
 # --------------------------------------------------------------------------- #
 # Mapping with explicit randomness
 # --------------------------------------------------------------------------- #
@@ -338,9 +210,7 @@ def _trivial_batch(batch):
 
 
 def _worker_init(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32  # the DataLoader derives it from its seeded generator
-    random.seed(seed)
-    np.random.seed(seed)
+    seed_all_rng(torch.initial_seed() % 2**32)  # the DataLoader derives it from its seeded generator
 
 
 class TrainLoader:
@@ -421,7 +291,7 @@ def build_detection_train_loader(
         raise ValueError(f"SOLVER.IMS_PER_BATCH={total} is not divisible by the world size "
                          f"{world_size}")
     batch_size = total // world_size
-    sampler_name = cfg.DATALOADER.get("SAMPLER_TRAIN", "TrainingSampler")
+    sampler_name = cfg.DATALOADER.SAMPLER_TRAIN
     if sampler_name != "TrainingSampler":
         raise NotImplementedError(f"DATALOADER.SAMPLER_TRAIN={sampler_name!r} is not supported "
                                   "(only TrainingSampler)")
@@ -436,8 +306,8 @@ def build_detection_train_loader(
 
     sampler = TrainingSampler(len(dataset), shuffle=True, seed=cfg.SEED, rank=rank,
                               world_size=world_size)
-    groups = _aspect_groups(dataset) if cfg.DATALOADER.ASPECT_RATIO_GROUPING else None
-    plan = _BatchPlan(sampler, batch_size, groups, start_iter)
+    groups = aspect_groups(dataset) if cfg.DATALOADER.ASPECT_RATIO_GROUPING else None
+    plan = BatchPlan(sampler, batch_size, groups, start_iter)
     map_ds = _TrainMapDataset(_SerializedList(dataset), mapper, sampler.seed, groups)
     num_workers = int(cfg.DATALOADER.NUM_WORKERS)
     data_loader = DataLoader(

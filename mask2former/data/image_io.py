@@ -8,7 +8,7 @@ EXIF orientation, and reports problems as :class:`BadSampleError` naming the fil
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -20,6 +20,7 @@ __all__ = [
     "SIZE_MISMATCH",
     "BAD_ANNOTATION",
     "open_image",
+    "read_image_size",
     "read_image",
     "read_label_map",
     "read_image_8bit",
@@ -64,6 +65,23 @@ def open_image(file_name: str) -> Image.Image:
     except Exception:  # malformed EXIF: use the pixels as stored
         pass
     return img
+
+
+def read_image_size(file_name: str) -> Tuple[int, int]:
+    """``(height, width)`` of the upright image, from its header only (nothing is decoded)."""
+    if not os.path.isfile(file_name):
+        raise BadSampleError(file_name, MISSING_FILE, "no such file")
+    try:
+        with Image.open(file_name) as img:
+            w, h = img.size
+            try:
+                if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations turned by 90 degrees
+                    w, h = h, w
+            except Exception:  # malformed EXIF: the size as stored, as open_image does
+                pass
+    except Exception as e:
+        raise BadSampleError(file_name, CORRUPT_FILE, f"{type(e).__name__}: {e}") from None
+    return h, w
 
 
 def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:

@@ -1,0 +1,173 @@
+"""The official mapper names as configurations of :class:`~.core.MaskFormerMapper`, and the registry.
+
+Each official class fixes a task and an augmentation style and is registered in
+:data:`~mask2former.utils.registry.DATASET_MAPPER_REGISTRY` under its INPUT.DATASET_MAPPER_NAME.
+Like the official classes they are built either from a config, ``Cls(cfg, is_train=True)``, or
+from keywords, ``Cls(is_train, augmentations=[...], image_format="RGB", ignore_label=255,
+size_divisibility=-1)``. :func:`build_augmentations` is the config -> augmentation list rule they
+share; :func:`build_mapper` picks the registered entry named by INPUT.DATASET_MAPPER_NAME.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Sequence
+
+from ...config.configurable import configurable
+from ...utils.registry import DATASET_MAPPER_REGISTRY
+from .. import transforms as T
+from ..catalog import MetadataCatalog
+from .core import MaskFormerMapper
+
+__all__ = [
+    "MAPPER_REGISTRY",
+    "register_mapper",
+    "build_mapper",
+    "build_augmentations",
+    "MaskFormerSemanticDatasetMapper",
+    "MaskFormerPanopticDatasetMapper",
+    "MaskFormerInstanceDatasetMapper",
+    "COCOPanopticNewBaselineDatasetMapper",
+    "COCOInstanceNewBaselineDatasetMapper",
+]
+
+MAPPER_REGISTRY = DATASET_MAPPER_REGISTRY  # the name this package has always used
+
+
+def register_mapper(name: str):
+    """Decorator: register ``fn(cfg, is_train) -> mapper`` (a function or a class) under the
+    INPUT.DATASET_MAPPER_NAME value ``name``; a name that is taken raises ``KeyError``."""
+    return MAPPER_REGISTRY.register(name=name)
+
+
+def build_mapper(cfg, is_train: bool = True):
+    """The mapper named by INPUT.DATASET_MAPPER_NAME (training or inference variant)."""
+    name = cfg.INPUT.DATASET_MAPPER_NAME
+    if name not in MAPPER_REGISTRY:
+        raise KeyError(
+            f"INPUT.DATASET_MAPPER_NAME={name!r} is not a known dataset mapper; "
+            f"known: {MAPPER_REGISTRY.names()} (add one with mask2former.data.register_mapper)"
+        )
+    return MAPPER_REGISTRY.get(name)(cfg, is_train)
+
+
+def _flip(cfg) -> List[T.Augmentation]:
+    mode = cfg.INPUT.RANDOM_FLIP
+    if mode == "none":
+        return []
+    if mode not in ("horizontal", "vertical"):
+        raise ValueError(f"INPUT.RANDOM_FLIP must be 'horizontal', 'vertical' or 'none', got {mode!r}")
+    return [T.RandomFlip(horizontal=mode == "horizontal", vertical=mode == "vertical")]
+
+
+def build_augmentations(cfg, is_train: bool, style: str = "resize_crop",
+                        category_area_crop: bool = True) -> List[T.Augmentation]:
+    """The augmentation list.
+
+    ``style="resize_crop"`` (MaskFormer mappers): ResizeShortestEdge(MIN_SIZE_TRAIN,
+    MAX_SIZE_TRAIN, MIN_SIZE_TRAIN_SAMPLING); if INPUT.CROP.ENABLED a random crop
+    (INPUT.CROP.TYPE/SIZE; with the SINGLE_CATEGORY_MAX_AREA constraint if
+    ``category_area_crop``); if INPUT.COLOR_AUG_SSD the SSD colour jitter; the flip.
+    ``style="lsj"``: flip, ResizeScale(MIN_SCALE, MAX_SCALE, IMAGE_SIZE), FixedSizeCrop(IMAGE_SIZE).
+    At inference: ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST).
+    """
+    inp = cfg.INPUT
+    if not is_train:
+        return [T.ResizeShortestEdge(inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST, "choice")]
+    if style == "lsj":
+        size = int(inp.IMAGE_SIZE)
+        return _flip(cfg) + [
+            T.ResizeScale(inp.MIN_SCALE, inp.MAX_SCALE, size, size),
+            T.FixedSizeCrop((size, size)),
+        ]
+    if style != "resize_crop":
+        raise ValueError(f"unknown augmentation style {style!r}")
+    augs: List[T.Augmentation] = [
+        T.ResizeShortestEdge(inp.MIN_SIZE_TRAIN, inp.MAX_SIZE_TRAIN, inp.MIN_SIZE_TRAIN_SAMPLING)
+    ]
+    if inp.CROP.ENABLED:
+        if category_area_crop:
+            augs.append(T.RandomCropCategoryAreaConstraint(
+                inp.CROP.TYPE, inp.CROP.SIZE, inp.CROP.SINGLE_CATEGORY_MAX_AREA,
+                cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            ))
+        else:
+            augs.append(T.RandomCrop(inp.CROP.TYPE, inp.CROP.SIZE))
+    if inp.COLOR_AUG_SSD:
+        augs.append(T.ColorAugSSD(inp.FORMAT))
+    return augs + _flip(cfg)
+
+
+def _ignore_label(cfg) -> int:
+    default = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+    if cfg.DATASETS.TRAIN:
+        return int(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("ignore_label", default))
+    return int(default)
+
+
+class _OfficialMapper(MaskFormerMapper):
+    """A :class:`MaskFormerMapper` whose task, augmentation style and target options are fixed
+    by the subclass (``NAME``: its INPUT.DATASET_MAPPER_NAME, ``TASK``, ``STYLE``, ``OPTIONS``)."""
+
+    NAME = ""
+    TASK = ""
+    STYLE = "resize_crop"
+    OPTIONS: dict = {}
+
+    @configurable
+    def __init__(self, is_train: bool = True, *, augmentations: Sequence[Any],
+                 image_format: str = "BGR", ignore_label: int = 255, size_divisibility: int = -1):
+        super().__init__(is_train, augmentations=augmentations, image_format=image_format,
+                         task=self.TASK, ignore_label=ignore_label,
+                         size_divisibility=size_divisibility, name=self.NAME, **self.OPTIONS)
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True) -> dict:
+        return {
+            "is_train": is_train,
+            "augmentations": build_augmentations(cfg, is_train, cls.STYLE,
+                                                 category_area_crop=cls.TASK != "instance"),
+            "image_format": cfg.INPUT.FORMAT,
+            "ignore_label": _ignore_label(cfg),
+            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+        }
+
+
+def _official(cls):
+    return MAPPER_REGISTRY.register(cls, name=cls.NAME)
+
+
+@_official
+class MaskFormerSemanticDatasetMapper(_OfficialMapper):
+    """``mask_former_semantic``: per-class masks of the semantic PNG; resize, category-area crop."""
+
+    NAME, TASK = "mask_former_semantic", "semantic"
+
+
+@_official
+class MaskFormerPanopticDatasetMapper(_OfficialMapper):
+    """``mask_former_panoptic``: per-segment masks of the panoptic PNG; as the semantic mapper."""
+
+    NAME, TASK = "mask_former_panoptic", "panoptic"
+
+
+@_official
+class MaskFormerInstanceDatasetMapper(_OfficialMapper):
+    """``mask_former_instance``: per-annotation masks (polygons / RLE); resize, plain crop."""
+
+    NAME, TASK = "mask_former_instance", "instance"
+
+
+@_official
+class COCOPanopticNewBaselineDatasetMapper(_OfficialMapper):
+    """``coco_panoptic_lsj``: panoptic targets with boxes; large-scale jitter."""
+
+    NAME, TASK, STYLE = "coco_panoptic_lsj", "panoptic", "lsj"
+    OPTIONS = {"with_boxes": True}
+
+
+@_official
+class COCOInstanceNewBaselineDatasetMapper(_OfficialMapper):
+    """``coco_instance_lsj``: instance targets with boxes, emptied masks dropped; large-scale
+    jitter."""
+
+    NAME, TASK, STYLE = "coco_instance_lsj", "instance", "lsj"
+    OPTIONS = {"filter_empty_instances": True, "with_boxes": True}
