@@ -12,7 +12,8 @@ file); without ``--output`` they are shown in a window. Unreadable inputs are re
 skipped. Videos (and the webcam, with ``--output``) are written as an annotated mp4 frame by frame.
 ``TEST.AUG.ENABLED True`` in ``--opts`` turns on test-time augmentation. The exit status is 0
 when at least one image (or frame) was processed, else 1. Works from a checkout without
-installing the package.
+installing the package. This file is the command line only; the work is done by
+:mod:`mask2former.demo` (predictor, input expansion, video, exporters, the loops).
 """
 from __future__ import annotations
 

@@ -176,3 +176,16 @@ def test_run_video_by_import(tmp_path):
     assert demo_lib.run_video(predictor, Visualizer(None), demo_lib.open_video(video), video, video) == 1
     with pytest.raises(OSError, match="video file not found"):
         demo_lib.open_video(str(Path(tmp_path) / "missing.mp4"))
+
+
+def test_file_writers_convert_numpy_and_name_the_file(tmp_path):
+    from mask2former.evaluation.files import write_image, write_json
+
+    path = write_json(str(tmp_path / "a" / "x.json"), {"n": np.int64(3), "f": np.float32(0.5), "b": np.bool_(True)})
+    assert json.loads(Path(path).read_text()) == {"n": 3, "f": 0.5, "b": True}
+    with pytest.raises(TypeError, match="object"):
+        write_json(str(tmp_path / "y.json"), {"bad": object()})
+    assert not (tmp_path / "y.json").exists()
+    with pytest.raises(OSError, match=r"could not write .*z\.nosuchformat"):
+        write_image(str(tmp_path / "z.nosuchformat"), np.zeros((2, 2, 3), np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

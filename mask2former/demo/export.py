@@ -21,7 +21,7 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 
 from ..data.ids import contiguous_to_dataset
-from ..evaluation.files import panoptic_png, write_atomic, write_image, write_json
+from ..evaluation.files import atomic_write, panoptic_png, write_image, write_json
 from ..evaluation.instance_evaluation import instances_to_coco_json
 from ..utils.visualizer import TASK_OUTPUTS, pick_output
 
@@ -71,7 +71,8 @@ class PanopticExporter:
     def add(self, name: str, seg: Any, segments_info: Sequence[dict]) -> str:
         """Save one image's (H, W) segment ids and their ``segments_info``; returns the PNG path."""
         seg = seg.cpu().numpy() if hasattr(seg, "cpu") else np.asarray(seg)
-        path = write_atomic(os.path.join(self.root, "panoptic", name + ".png"), panoptic_png(seg))
+        path = os.path.join(self.root, "panoptic", name + ".png")
+        atomic_write(path, panoptic_png(seg))
         infos = []
         for s in segments_info:
             mask = seg == int(s["id"])

@@ -1,9 +1,9 @@
 """Writing prediction files: shared by the evaluators and the demo's exporters.
 
-* :func:`write_atomic` replaces a file by complete new content (a temporary file in the same
+* :func:`atomic_write` replaces a file by complete new content (a temporary file in the same
   folder, then ``os.replace``), so an interrupted run never leaves a partial file.
 * :func:`write_json` writes JSON that may hold numpy scalars; :func:`write_image` an image file
-  whose format follows the extension; both through :func:`write_atomic`.
+  whose format follows the extension; both through :func:`atomic_write`.
 * :func:`encode_image` and :func:`panoptic_png` give the encoded bytes: images are (H, W) or
   (H, W, 3) BGR arrays as OpenCV takes them, panoptic PNGs hold segment ids as
   ``R + 256 G + 256^2 B`` (COCO panoptic format).
@@ -21,25 +21,24 @@ import numpy as np
 
 from ..data.ids import id2rgb
 
-__all__ = ["write_atomic", "write_json", "write_image", "encode_image", "panoptic_png"]
+__all__ = ["atomic_write", "write_json", "write_image", "encode_image", "panoptic_png"]
 
 
-def write_atomic(path: str, data: Union[bytes, str]) -> str:
-    """Replace ``path`` by a file holding ``data`` (str is written as UTF-8); returns ``path``."""
+def atomic_write(path: str, content: Union[bytes, str]) -> None:
+    """Replace ``path`` by a file holding ``content`` (str is written as UTF-8)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # same folder, so that os.replace is a rename on one file system
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the outputs private
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
 
 
 def _json_default(o: Any) -> Any:
@@ -53,8 +52,10 @@ def _json_default(o: Any) -> Any:
 
 
 def write_json(path: str, obj: Any, **dump_kwargs: Any) -> str:
-    """``json.dump(obj)`` into ``path`` atomically (numpy scalars become Python numbers)."""
-    return write_atomic(path, json.dumps(obj, default=_json_default, **dump_kwargs))
+    """``json.dump(obj)`` into ``path`` atomically (numpy scalars become Python numbers); returns
+    ``path``."""
+    atomic_write(path, json.dumps(obj, default=_json_default, **dump_kwargs))
+    return path
 
 
 def encode_image(image: np.ndarray, ext: str = ".png") -> bytes:
@@ -71,12 +72,12 @@ def encode_image(image: np.ndarray, ext: str = ".png") -> bytes:
 
 def write_image(path: str, image: np.ndarray) -> str:
     """Write ``image`` (see :func:`encode_image`) to ``path`` atomically, in the format its
-    extension names (PNG without one); OSError naming the file when that fails."""
+    extension names (PNG without one); returns ``path``, OSError naming it when that fails."""
     try:
-        data = encode_image(image, os.path.splitext(path)[1] or ".png")
+        atomic_write(path, encode_image(image, os.path.splitext(path)[1] or ".png"))
     except OSError as e:
-        raise OSError(f"could not write {path!r}: {e}") from None
-    return write_atomic(path, data)
+        raise OSError(f"could not write {path!r}: {e.strerror or e}") from None
+    return path
 
 
 def panoptic_png(id_map: np.ndarray) -> bytes:

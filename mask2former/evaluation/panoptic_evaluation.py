@@ -24,7 +24,7 @@ from ..data.ids import contiguous_to_dataset, id2rgb, rgb2id  # noqa: F401  (id2
 from ..data.image_io import read_image
 from ..utils import comm
 from .evaluator import DatasetEvaluator
-from .files import panoptic_png, write_atomic, write_json
+from .files import atomic_write, panoptic_png, write_json
 from .pq import (  # noqa: F401  (pq_average, PQStatCat: aliases; they live in pq.py)
     VOID,
     PQStat,
@@ -240,7 +240,7 @@ class COCOPanopticEvaluator(DatasetEvaluator):
         annotations = []
         for p in predictions:
             p = dict(p)
-            write_atomic(os.path.join(folder, p["file_name"]), p.pop("png_string"))
+            atomic_write(os.path.join(folder, p["file_name"]), p.pop("png_string"))
             annotations.append(p)
         data = dict(self._load_gt()["json"])
         data["annotations"] = annotations
