@@ -6,7 +6,8 @@ The same configs and checkpoints as the default engine: the config is Detectron2
 (:mod:`mask2former.detectron2.registration`); optimizer, gradient clipping and LR schedule are
 this package's (``SOLVER.*``); data come from this package's mappers through Detectron2's
 loaders; evaluation uses Detectron2's evaluators, chosen by the dataset's ``evaluator_type`` as
-in the official training script. ``model_final.pth`` loads in either engine.
+in the official training script (the choice shared with this package's engine:
+:mod:`mask2former.evaluation.selection`). ``model_final.pth`` loads in either engine.
 """
 import logging
 import os
@@ -40,6 +41,7 @@ from .registration import register_all
 __all__ = ["get_cfg", "setup", "Trainer", "InstanceSegEvaluator", "build_evaluator", "main", "launch_main"]
 
 logger = logging.getLogger(__name__)
+
 
 def get_cfg():
     """Detectron2's default config with the DeepLab and Mask2Former keys added."""
