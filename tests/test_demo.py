@@ -1,4 +1,5 @@
-"""Predictor (test-time resizing), Visualizer and the demo/demo.py command line."""
+"""Predictor (test-time resizing), Visualizer, the demo library (mask2former.demo: inputs, video,
+exporters) and the demo/demo.py command line (end to end)."""
 import importlib.util
 import json
 import logging
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 import mask2former as m2f
+from mask2former import demo as demo_lib
 from mask2former.data import MetadataCatalog
+from mask2former.data.image_io import read_image_8bit
 from mask2former.engine import Predictor, resize_shortest_edge
 from mask2former.structures import Instances
 from mask2former.utils.visualizer import Visualizer, default_color
@@ -40,6 +43,7 @@ def _tiny_cfg(name="panoptic", opts=()):
 
 @pytest.fixture(scope="module")
 def demo():
+    """The command line, demo/demo.py (its functions are in mask2former.demo)."""
     spec = importlib.util.spec_from_file_location("mask2former_demo_cli", REPO / "demo" / "demo.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -207,21 +211,21 @@ def _write_inputs(folder: Path) -> dict:
     return {"color": (30, 44), "gray16": (28, 36), "rgba": (26, 40), "gray": (33, 35), "exif": (40, 24)}
 
 
-def test_read_image_formats(demo, tmp_path):
+def test_read_image_formats(tmp_path):
     sizes = _write_inputs(tmp_path / "in")
     src = tmp_path / "in"
     for name, ext in (("color", "png"), ("gray16", "png"), ("rgba", "png"), ("gray", "jpg"), ("exif", "jpg")):
-        image = demo.read_image(str(src / f"{name}.{ext}"))
+        image = read_image_8bit(str(src / f"{name}.{ext}"), "BGR")
         assert image.shape == (*sizes[name], 3) and image.dtype == np.uint8, name
-    assert np.array_equal(demo.read_image(str(src / "color.png")), _image(30, 44, 1))
-    g16 = demo.read_image(str(src / "gray16.png"))  # 16 bits scaled to 8, not clipped
+    assert np.array_equal(read_image_8bit(str(src / "color.png"), "BGR"), _image(30, 44, 1))
+    g16 = read_image_8bit(str(src / "gray16.png"), "BGR")  # 16 bits scaled to 8, not clipped
     assert g16[0, 0, 0] == 0 and g16[-1, -1, 0] == 255 and 120 <= g16[14, 18, 0] <= 135
     assert (g16[..., 0] == g16[..., 2]).all()
-    assert np.array_equal(demo.read_image(str(src / "rgba.png")), _image(26, 40, 2))  # alpha dropped
+    assert np.array_equal(read_image_8bit(str(src / "rgba.png"), "BGR"), _image(26, 40, 2))  # alpha dropped
     with pytest.raises(OSError, match="broken.png"):
-        demo.read_image(str(src / "broken.png"))
+        read_image_8bit(str(src / "broken.png"), "BGR")
     with pytest.raises(OSError, match="missing.png"):
-        demo.read_image(str(src / "missing.png"))
+        read_image_8bit(str(src / "missing.png"), "BGR")
 
 
 def test_demo_images_one_visualisation_per_readable_image(demo, tmp_path, caplog):
@@ -264,11 +268,11 @@ def test_demo_cli_missing_weights(demo, tmp_path, caplog):
 
 
 def test_demo_output_paths_and_argument_errors(demo, tmp_path, capsys):
-    assert demo.output_paths(str(tmp_path / "vis.png"), ["x/a.jpg"]) == [str(tmp_path / "vis.png")]
-    assert demo.output_paths("out", ["x/a.jpg", "y/a.png", "b.jpeg"]) == [
+    assert demo_lib.output_paths(str(tmp_path / "vis.png"), ["x/a.jpg"]) == [str(tmp_path / "vis.png")]
+    assert demo_lib.output_paths("out", ["x/a.jpg", "y/a.png", "b.jpeg"]) == [
         str(Path("out") / "a.png"), str(Path("out") / "a_1.png"), str(Path("out") / "b.png")]
-    assert demo.video_output_path("vis", "clips/a.avi") == str(Path("vis") / "a.mp4")
-    assert demo.video_output_path("vis/out.mp4", "clips/a.avi") == "vis/out.mp4"
+    assert demo_lib.video_output_path("vis", "clips/a.avi") == str(Path("vis") / "a.mp4")
+    assert demo_lib.video_output_path("vis/out.mp4", "clips/a.avi") == "vis/out.mp4"
     parsed = demo.get_parser().parse_args(["--input", "a.jpg"])
     assert parsed.confidence_threshold == 0.5 and parsed.batch_size == 1 and not parsed.save_json
     a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
@@ -287,7 +291,7 @@ def test_demo_output_paths_and_argument_errors(demo, tmp_path, capsys):
             demo.main(argv)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err, argv
-    if not demo.display_available():  # headless: showing in a window is refused up front
+    if not demo_lib.display_available():  # headless: showing in a window is refused up front
         with pytest.raises(SystemExit):
             demo.main(["--input", a])
         assert "no --output given and no display" in capsys.readouterr().err
@@ -312,7 +316,7 @@ def test_demo_save_json_matches_model_outputs(demo, tiny_predictors, tmp_path):
     assert {c["id"] for c in panoptic["categories"]} == set(stuff_c2d.values())
     instances = json.loads((out / "instances.json").read_text())
     for name in ("one", "two"):
-        expected = predictor(demo.read_image(str(src / f"{name}.png")))
+        expected = predictor(read_image_8bit(str(src / f"{name}.png"), "BGR"))
         # panoptic: the PNG holds the segment ids; segments_info has the dataset category ids
         seg, infos = expected["panoptic_seg"]
         png = cv2.imread(str(out / "panoptic" / f"{name}.png"))[:, :, ::-1].astype(np.int64)
@@ -422,7 +426,7 @@ def test_demo_webcam_mode(demo, tmp_path, monkeypatch):
     def fake_capture(source, *args):
         opened.append(source)
         return real_capture(str(video) if source == 0 else source, *args)
-    monkeypatch.setattr(demo.cv2, "VideoCapture", fake_capture)
+    monkeypatch.setattr(cv2, "VideoCapture", fake_capture)
     out = tmp_path / "webcam.mp4"
     assert demo.main(_demo_args("semantic", "--webcam", "--output", str(out), "--batch-size", "2")) == 0
     assert opened == [0] and _count_frames(out)[0] == 5
@@ -440,33 +444,33 @@ def test_demo_bad_videos(demo, tmp_path, caplog):
     assert not (tmp_path / "o").exists()
 
 
-def test_open_video_writer_codec_fallback(demo, tmp_path):
+def test_open_video_writer_codec_fallback(tmp_path):
     path = tmp_path / "v.mp4"
-    writer = demo.open_video_writer(str(path), 5.0, (16, 8), codecs=("zzzz", "mp4v"))
+    writer = demo_lib.open_video_writer(str(path), 5.0, (16, 8), codecs=("zzzz", "mp4v"))
     for _ in range(3):
         writer.write(np.zeros((8, 16, 3), np.uint8))
     writer.release()
     assert _count_frames(path)[0] == 3
     with pytest.raises(RuntimeError, match=r"cannot write video .*w\.mp4.*zzzz, yyyy"):
-        demo.open_video_writer(str(tmp_path / "w.mp4"), 5.0, (16, 8), codecs=("zzzz", "yyyy"))
+        demo_lib.open_video_writer(str(tmp_path / "w.mp4"), 5.0, (16, 8), codecs=("zzzz", "yyyy"))
 
 
-def test_progress_without_tqdm_logs_frames_per_second(demo, caplog):
+def test_progress_without_tqdm_logs_frames_per_second(caplog):
     caplog.set_level(logging.INFO)
-    progress = demo.Progress(total=10, desc="clip", every_s=0.0, use_tqdm=False)
+    progress = demo_lib.Progress(total=10, desc="clip", every_s=0.0, use_tqdm=False)
     progress.update(4)
     progress.close()
     assert any(re.search(r"clip: 4/10 frames, [\d.]+ frames/s", r.getMessage()) for r in caplog.records)
 
 
-def test_batched_helper_streams(demo):
+def test_batched_helper_streams():
     consumed = []
 
     def items():
         for i in range(7):
             consumed.append(i)
             yield i
-    gen = demo.batched(items(), 3)
+    gen = demo_lib.batched(items(), 3)
     assert next(gen) == [0, 1, 2] and consumed == [0, 1, 2]  # nothing read ahead
     assert list(gen) == [[3, 4, 5], [6]]
 

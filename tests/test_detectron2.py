@@ -308,6 +308,45 @@ def test_detectron2_visualizer_draws_outputs(d2, parity_dir):
     assert drawn.shape == image.shape
 
 
+# ----------------------------------------------------------------------------- evaluator selection
+_D2_CLASS_KIND = {"SemSegEvaluator": "sem_seg", "COCOPanopticEvaluator": "coco_panoptic",
+                  "COCOEvaluator": "coco_instances", "InstanceSegEvaluator": "instance_seg",
+                  "CityscapesSemSegEvaluator": "cityscapes_sem_seg",
+                  "CityscapesInstanceEvaluator": "cityscapes_instance", "LVISEvaluator": "lvis"}
+
+
+def test_build_evaluator_maps_the_shared_choice_to_detectron2_classes(d2, monkeypatch, tmp_path):
+    """The adapter builds, in order, the Detectron2 class of each kind that
+    mask2former.evaluation.selection chooses (the official choice; see
+    tests/test_evaluator_selection.py), for every evaluator_type and TEST switch setting."""
+    import itertools
+
+    from detectron2.data import MetadataCatalog
+
+    from mask2former.detectron2 import trainer
+    from mask2former.evaluation.selection import EVALUATOR_RULES, evaluator_kinds
+
+    for cls_name, kind in _D2_CLASS_KIND.items():  # stand-ins that need no dataset files
+        assert hasattr(trainer, cls_name)
+        monkeypatch.setattr(trainer, cls_name, lambda *args, _kind=kind, **kwargs: _kind)
+    monkeypatch.setattr(trainer, "DatasetEvaluators", list)
+    cfg = trainer.get_cfg()
+    test = cfg.MODEL.MASK_FORMER.TEST
+    for evaluator_type in EVALUATOR_RULES:
+        name = f"_m2f_test_selection_{evaluator_type}"
+        MetadataCatalog.get(name).set(evaluator_type=evaluator_type)
+        for flags in itertools.product((False, True), repeat=3):
+            test.PANOPTIC_ON, test.INSTANCE_ON, test.SEMANTIC_ON = flags
+            expected = evaluator_kinds(evaluator_type, panoptic_on=flags[0], instance_on=flags[1],
+                                       semantic_on=flags[2])
+            if not expected:
+                with pytest.raises(NotImplementedError, match="No evaluator"):
+                    trainer.build_evaluator(cfg, name, str(tmp_path))
+                continue
+            got = trainer.build_evaluator(cfg, name, str(tmp_path))
+            assert (got if isinstance(got, list) else [got]) == expected, (evaluator_type, flags)
+
+
 # ----------------------------------------------------------------------------- data and training
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):

@@ -6,7 +6,8 @@ The same configs and checkpoints as the default engine: the config is Detectron2
 (:mod:`mask2former.detectron2.registration`); optimizer, gradient clipping and LR schedule are
 this package's (``SOLVER.*``); data come from this package's mappers through Detectron2's
 loaders; evaluation uses Detectron2's evaluators, chosen by the dataset's ``evaluator_type`` as
-in the official training script. ``model_final.pth`` loads in either engine.
+in the official training script (the choice shared with this package's engine:
+:mod:`mask2former.evaluation.selection`). ``model_final.pth`` loads in either engine.
 """
 import logging
 import os
@@ -31,6 +32,8 @@ from detectron2.evaluation import (
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_deeplab_config, add_maskformer2_config
+from ..data.ids import contiguous_to_dataset
+from ..evaluation.selection import select_evaluator_kinds
 from ..solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 from .convert import build_mapper
 from .registration import register_all
@@ -38,9 +41,6 @@ from .registration import register_all
 __all__ = ["get_cfg", "setup", "Trainer", "InstanceSegEvaluator", "build_evaluator", "main", "launch_main"]
 
 logger = logging.getLogger(__name__)
-
-PANOPTIC_TYPES = ("coco_panoptic_seg", "ade20k_panoptic_seg", "cityscapes_panoptic_seg",
-                  "mapillary_vistas_panoptic_seg")
 
 
 def get_cfg():
@@ -76,8 +76,7 @@ class InstanceSegEvaluator(COCOEvaluator):
     def process(self, inputs, outputs):
         start = len(self._predictions)
         super().process(inputs, outputs)
-        table = self._metadata.get("thing_dataset_id_to_contiguous_id") or {}
-        to_dataset = {v: k for k, v in table.items()}
+        to_dataset = contiguous_to_dataset(self._metadata, "thing")
         for pred in self._predictions[start:]:
             if "instances" in pred:
                 pred["instances"] = [dict(r, category_id=to_dataset[r["category_id"]]) for r in pred["instances"]
@@ -93,38 +92,23 @@ class InstanceSegEvaluator(COCOEvaluator):
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None):
-    """Detectron2 evaluators for ``dataset_name`` from its ``evaluator_type`` and the
-    MODEL.MASK_FORMER.TEST.{SEMANTIC,INSTANCE,PANOPTIC}_ON switches (the official choice)."""
+    """Detectron2 evaluators for ``dataset_name``: the kinds that
+    :func:`mask2former.evaluation.selection.select_evaluator_kinds` chooses from its
+    ``evaluator_type`` and MODEL.MASK_FORMER.TEST.{SEMANTIC,INSTANCE,PANOPTIC}_ON (the official
+    choice), each mapped to its Detectron2 class."""
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-    kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
-    test = cfg.MODEL.MASK_FORMER.TEST
-    evaluators = []
-    if kind in ("sem_seg", "ade20k_panoptic_seg"):
-        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
-    if kind == "coco":
-        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
-    if kind in PANOPTIC_TYPES and test.PANOPTIC_ON:
-        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
-    if kind == "coco_panoptic_seg" and test.INSTANCE_ON:
-        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
-    if kind in ("coco_panoptic_seg", "mapillary_vistas_panoptic_seg") and test.SEMANTIC_ON:
-        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
-    if kind in ("ade20k_panoptic_seg", "mapillary_vistas_panoptic_seg") and test.INSTANCE_ON:
-        evaluators.append(InstanceSegEvaluator(dataset_name, output_dir=output_folder))
-    if kind == "cityscapes_instance":
-        evaluators.append(CityscapesInstanceEvaluator(dataset_name))
-    if kind == "cityscapes_sem_seg":
-        evaluators.append(CityscapesSemSegEvaluator(dataset_name))
-    if kind == "cityscapes_panoptic_seg":
-        if test.SEMANTIC_ON:
-            evaluators.append(CityscapesSemSegEvaluator(dataset_name))
-        if test.INSTANCE_ON:
-            evaluators.append(CityscapesInstanceEvaluator(dataset_name))
-    if kind == "lvis":
-        evaluators.append(LVISEvaluator(dataset_name, output_dir=output_folder))
-    if not evaluators:
-        raise NotImplementedError(f"no Detectron2 evaluator for dataset {dataset_name!r} of evaluator_type {kind!r}")
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+    build = {
+        "sem_seg": lambda: SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder),
+        "coco_panoptic": lambda: COCOPanopticEvaluator(dataset_name, output_folder),
+        "coco_instances": lambda: COCOEvaluator(dataset_name, output_dir=output_folder),
+        "instance_seg": lambda: InstanceSegEvaluator(dataset_name, output_dir=output_folder),
+        "cityscapes_sem_seg": lambda: CityscapesSemSegEvaluator(dataset_name),
+        "cityscapes_instance": lambda: CityscapesInstanceEvaluator(dataset_name),
+        "lvis": lambda: LVISEvaluator(dataset_name, output_dir=output_folder),
+    }
+    evaluators = [build[kind]() for kind in select_evaluator_kinds(cfg, dataset_name, evaluator_type)]
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 

@@ -3,18 +3,26 @@
     evaluator = build_evaluators(cfg, "coco_2017_val_panoptic", output_dir)
     results = inference_on_dataset(model, data_loader, evaluator)
     # {"panoptic_seg": {"PQ": ..., "SQ": ..., ...}, "segm": {"AP": ...}, "sem_seg": {"mIoU": ...}}
+
+Modules: ``evaluator`` (interface, :func:`inference_on_dataset`), ``selection`` (which evaluator
+kinds a dataset gets, shared with the Detectron2 adapter), ``pq`` (the PQ metric) and
+``panoptic_evaluation`` (its COCO panoptic evaluator), ``instance_evaluation`` (COCO mask AP),
+``sem_seg_evaluation`` (mIoU), ``cityscapes_evaluation`` (the Cityscapes scripts), ``files``
+(atomic JSON / PNG writing, also used by the demo's exporters).
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..data.catalog import MetadataCatalog
 from .cityscapes_evaluation import CityscapesInstanceEvaluator, CityscapesSemSegEvaluator
 from .evaluator import DatasetEvaluator, DatasetEvaluators, inference_context, inference_on_dataset
 from .instance_evaluation import COCOEvaluator, InstanceSegEvaluator, instances_to_coco_json
-from .panoptic_evaluation import COCOPanopticEvaluator, PQStat, pq_compute_single
+from .panoptic_evaluation import COCOPanopticEvaluator
+from .pq import PQStat, pq_compute_single
+from .selection import EVALUATOR_KINDS, evaluator_kinds, select_evaluator_kinds
 from .sem_seg_evaluation import SemSegEvaluator
 
 __all__ = [
@@ -32,30 +40,32 @@ __all__ = [
     "CityscapesSemSegEvaluator",
     "CityscapesInstanceEvaluator",
     "build_evaluators",
+    "evaluator_kinds",
+    "EVALUATOR_KINDS",
 ]
 
 logger = logging.getLogger(__name__)
 
-_PANOPTIC_TYPES = (
-    "coco_panoptic_seg",
-    "ade20k_panoptic_seg",
-    "cityscapes_panoptic_seg",
-    "mapillary_vistas_panoptic_seg",
-)
-
-
-def _test_flag(cfg: Any, name: str, default: bool) -> bool:
-    try:
-        return bool(getattr(cfg.MODEL.MASK_FORMER.TEST, name))
-    except AttributeError:
-        return default
+# This package's evaluator class for each kind of mask2former.evaluation.selection (none for LVIS),
+# and whether it takes output_dir (the Cityscapes ones keep their files in a temporary folder, as
+# in the official script). One InstanceSegEvaluator maps contiguous ids back to dataset ids for
+# COCO, ADE20K and Mapillary alike.
+_EVALUATORS: Dict[str, Tuple[type, bool]] = {
+    "sem_seg": (SemSegEvaluator, True),
+    "coco_panoptic": (COCOPanopticEvaluator, True),
+    "coco_instances": (InstanceSegEvaluator, True),
+    "instance_seg": (InstanceSegEvaluator, True),
+    "cityscapes_sem_seg": (CityscapesSemSegEvaluator, False),
+    "cityscapes_instance": (CityscapesInstanceEvaluator, False),
+}
+_OPTIONAL_KINDS = ("cityscapes_sem_seg", "cityscapes_instance")  # need cityscapesscripts
 
 
 def build_evaluators(cfg: Any, dataset_name: str, output_dir: Optional[str] = None) -> DatasetEvaluator:
     """The evaluator(s) for ``dataset_name``, chosen as the official ``train_net.py`` does.
 
-    The choice depends on the metadata's ``evaluator_type`` and on
-    ``MODEL.MASK_FORMER.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON``:
+    The choice (:func:`~mask2former.evaluation.selection.evaluator_kinds`) depends on the
+    metadata's ``evaluator_type`` and on ``MODEL.MASK_FORMER.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON``:
 
     ==============================  ===========================================================
     evaluator_type                  evaluators
@@ -82,9 +92,9 @@ def build_evaluators(cfg: Any, dataset_name: str, output_dir: Optional[str] = No
     instance evaluators are skipped with a warning when PQ is evaluated, and the ImportError is
     raised when nothing else would be. As in the official script, the Cityscapes evaluators
     keep their predictions in a temporary folder, not under ``output_dir``. LVIS is not
-    supported. The official script's box AP for ``coco`` datasets is not computed (Mask2Former
-    predicts no boxes of its own); use ``InstanceSegEvaluator(tasks=("segm", "bbox"))`` for
-    boxes derived from the masks.
+    supported (``--engine detectron2`` has it). The official script's box AP for ``coco``
+    datasets is not computed (Mask2Former predicts no boxes of its own); use
+    ``InstanceSegEvaluator(tasks=("segm", "bbox"))`` for boxes derived from the masks.
 
     Args:
         cfg: the config.
@@ -102,44 +112,23 @@ def build_evaluators(cfg: Any, dataset_name: str, output_dir: Optional[str] = No
     if output_dir is None:
         output_dir = os.path.join(getattr(cfg, "OUTPUT_DIR", "./output"), "inference")
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
-    panoptic_on = _test_flag(cfg, "PANOPTIC_ON", False)
-    instance_on = _test_flag(cfg, "INSTANCE_ON", False)
-    semantic_on = _test_flag(cfg, "SEMANTIC_ON", True)
-
-    if evaluator_type == "cityscapes_sem_seg":
-        return CityscapesSemSegEvaluator(dataset_name)
-    if evaluator_type == "cityscapes_instance":
-        return CityscapesInstanceEvaluator(dataset_name)
-
-    evaluators: List[DatasetEvaluator] = []
-    if evaluator_type in ("sem_seg", "ade20k_panoptic_seg"):
-        evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_dir))
-    if evaluator_type == "coco":
-        evaluators.append(InstanceSegEvaluator(dataset_name, output_dir=output_dir))
-    if evaluator_type in _PANOPTIC_TYPES and panoptic_on:
-        evaluators.append(COCOPanopticEvaluator(dataset_name, output_dir))
-    if evaluator_type in ("coco_panoptic_seg", "mapillary_vistas_panoptic_seg", "ade20k_panoptic_seg"):
-        if instance_on:
-            evaluators.append(InstanceSegEvaluator(dataset_name, output_dir=output_dir))
-    if evaluator_type in ("coco_panoptic_seg", "mapillary_vistas_panoptic_seg") and semantic_on:
-        evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_dir))
-    if evaluator_type == "cityscapes_panoptic_seg":
-        wanted = [cls for cls, on in ((CityscapesSemSegEvaluator, semantic_on),
-                                      (CityscapesInstanceEvaluator, instance_on)) if on]
-        for cls in wanted:
-            try:
-                evaluators.append(cls(dataset_name))
-            except ImportError as e:
-                if not evaluators:
-                    raise
-                logger.warning("%s is skipped for %r: %s", cls.__name__, dataset_name, e)
-
-    if not evaluators:
+    kinds = select_evaluator_kinds(cfg, dataset_name, evaluator_type)
+    unsupported = [k for k in kinds if k not in _EVALUATORS]
+    if unsupported:
         raise NotImplementedError(
-            f"No evaluator for dataset {dataset_name!r} with evaluator_type={evaluator_type!r} "
-            f"(MODEL.MASK_FORMER.TEST: PANOPTIC_ON={panoptic_on}, INSTANCE_ON={instance_on}, "
-            f"SEMANTIC_ON={semantic_on})"
+            f"No evaluator for dataset {dataset_name!r} with evaluator_type={evaluator_type!r}: this package "
+            f"has no {', '.join(unsupported)} evaluator (train_net.py --engine detectron2 has)"
         )
+    evaluators: List[DatasetEvaluator] = []
+    for kind in kinds:
+        cls, takes_output_dir = _EVALUATORS[kind]
+        try:
+            evaluators.append(cls(dataset_name, output_dir=output_dir) if takes_output_dir else cls(dataset_name))
+        except ImportError as e:
+            # a missing cityscapesscripts only skips an evaluator when an earlier one runs
+            if kind not in _OPTIONAL_KINDS or not evaluators:
+                raise
+            logger.warning("%s is skipped for %r: %s", cls.__name__, dataset_name, e)
     if len(evaluators) == 1:
         return evaluators[0]
     return DatasetEvaluators(evaluators)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -27,8 +26,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import numpy as np
 
 from ..data.catalog import MetadataCatalog
+from ..data.ids import category_table, contiguous_to_dataset
 from ..utils import comm
 from .evaluator import DatasetEvaluator
+from .files import write_json
 
 __all__ = ["InstanceSegEvaluator", "COCOEvaluator", "instances_to_coco_json", "coco_eval_results"]
 
@@ -192,8 +193,9 @@ class InstanceSegEvaluator(DatasetEvaluator):
         with contextlib.redirect_stdout(io.StringIO()):
             self._coco_gt = COCO(json_file)
         self._do_evaluation = "annotations" in self._coco_gt.dataset
-        table = self._metadata.get("thing_dataset_id_to_contiguous_id")
-        self._c2d = {int(v): k for k, v in table.items()} if table is not None else None
+        # None: no table, the model predicts the dataset's ids
+        has_table = self._metadata.get("thing_dataset_id_to_contiguous_id") is not None
+        self._c2d = contiguous_to_dataset(self._metadata, "thing") if has_table else None
         self._warned_unknown_gt_cat = False
         self.reset()
 
@@ -275,10 +277,7 @@ class InstanceSegEvaluator(DatasetEvaluator):
         coco_results = [r for res in predictions.values() for r in res]
 
         if self._output_dir:
-            os.makedirs(self._output_dir, exist_ok=True)
-            path = os.path.join(self._output_dir, "coco_instances_results.json")
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(coco_results, f)
+            path = write_json(os.path.join(self._output_dir, "coco_instances_results.json"), coco_results)
             logger.info("Saved %d instance predictions to %s", len(coco_results), path)
 
         if not self._do_evaluation:
@@ -297,8 +296,8 @@ class InstanceSegEvaluator(DatasetEvaluator):
 
     def _class_name(self, dataset_id: Any) -> str:
         names = self._metadata.get("thing_classes")
-        table = self._metadata.get("thing_dataset_id_to_contiguous_id")
-        if names is not None and table is not None and dataset_id in table and table[dataset_id] < len(names):
+        table = category_table(self._metadata, "thing")
+        if names is not None and dataset_id in table and table[dataset_id] < len(names):
             return names[table[dataset_id]]
         return str(self._coco_gt.cats[dataset_id].get("name", dataset_id))
 

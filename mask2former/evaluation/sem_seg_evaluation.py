@@ -21,18 +21,19 @@ validation sets.)
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
-from PIL import Image
 
 from ..data.catalog import DatasetCatalog, MetadataCatalog
+from ..data.ids import contiguous_to_dataset
+from ..data.image_io import read_label_map
 from ..utils import comm
 from .evaluator import DatasetEvaluator
+from .files import write_json
 
 __all__ = ["SemSegEvaluator", "load_sem_seg_gt", "confusion_matrix", "sem_seg_metrics"]
 
@@ -40,14 +41,11 @@ logger = logging.getLogger(__name__)
 
 
 def load_sem_seg_gt(path: str) -> np.ndarray:
-    """A label map as an int64 (H, W) array (8- or 16-bit PNG, or ``.npy``)."""
+    """A label map as an int64 (H, W) array (8- or 16-bit PNG, or ``.npy``); a missing, corrupt
+    or multi-channel file raises :class:`~mask2former.data.image_io.BadSampleError` naming it."""
     if path.endswith(".npy"):
         return np.load(path).astype(np.int64)
-    with Image.open(path) as im:
-        arr = np.asarray(im)
-    if arr.ndim != 2:
-        raise ValueError(f"Semantic GT {path} must be a single-channel label image; got shape {arr.shape}")
-    return arr.astype(np.int64)
+    return read_label_map(path).astype(np.int64)
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_label: Optional[int]) -> np.ndarray:
@@ -156,8 +154,7 @@ class SemSegEvaluator(DatasetEvaluator):
         self._loading_fn = sem_seg_loading_fn
         self._file_to_gt: Optional[Dict[str, str]] = None
         # Contiguous id -> dataset id, for the json dump only; used if it covers every class.
-        table = meta.get("stuff_dataset_id_to_contiguous_id")
-        inv = {int(v): k for k, v in table.items()} if table else {}
+        inv = contiguous_to_dataset(meta, "stuff")
         self._c2d = inv if all(i in inv for i in range(self._num_classes)) else None
         self.reset()
 
@@ -224,11 +221,8 @@ class SemSegEvaluator(DatasetEvaluator):
             predictions = [p for part in preds for p in part]
         res = sem_seg_metrics(conf, self._class_names)
         if self._output_dir:
-            os.makedirs(self._output_dir, exist_ok=True)
-            with open(os.path.join(self._output_dir, "sem_seg_predictions.json"), "w", encoding="utf-8") as f:
-                json.dump(predictions, f)
-            with open(os.path.join(self._output_dir, "sem_seg_evaluation.json"), "w", encoding="utf-8") as f:
-                json.dump(res, f, indent=1)
+            write_json(os.path.join(self._output_dir, "sem_seg_predictions.json"), predictions)
+            write_json(os.path.join(self._output_dir, "sem_seg_evaluation.json"), res, indent=1)
         logger.info(
             "Semantic segmentation: mIoU=%.3f fwIoU=%.3f mACC=%.3f pACC=%.3f",
             res["mIoU"], res["fwIoU"], res["mACC"], res["pACC"],

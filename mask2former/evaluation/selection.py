@@ -1,0 +1,80 @@
+"""Which evaluators a dataset gets: one decision for this package's and Detectron2's evaluators.
+
+:func:`evaluator_kinds` is the official ``train_net.py`` ``build_evaluator`` choice, written as a
+table: from the metadata's ``evaluator_type`` and ``MODEL.MASK_FORMER.TEST.{PANOPTIC,INSTANCE,
+SEMANTIC}_ON`` it returns evaluator *kinds* in the official order. Each entry point maps the kinds
+to its own classes: :func:`mask2former.evaluation.build_evaluators` to this package's,
+:func:`mask2former.detectron2.trainer.build_evaluator` to Detectron2's.
+
+======================  ====================================================================
+kind                    what it measures
+======================  ====================================================================
+``sem_seg``             mIoU of ``sem_seg`` (SemSegEvaluator)
+``coco_panoptic``       PQ of ``panoptic_seg`` (COCOPanopticEvaluator)
+``coco_instances``      mask AP of ``instances`` where thing ids are the COCO ones (COCOEvaluator)
+``instance_seg``        mask AP of ``instances`` of panoptic datasets whose thing ids are not
+                        contiguous (ADE20K, Mapillary Vistas: the official InstanceSegEvaluator)
+``cityscapes_sem_seg``  Cityscapes pixel-level scripts
+``cityscapes_instance`` Cityscapes instance-level scripts
+``lvis``                LVIS AP
+======================  ====================================================================
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..config.defaults import MASKFORMER2_DEFAULTS
+
+__all__ = ["EVALUATOR_KINDS", "EVALUATOR_RULES", "evaluator_kinds", "task_switches", "select_evaluator_kinds"]
+
+EVALUATOR_KINDS = ("sem_seg", "coco_panoptic", "coco_instances", "instance_seg", "cityscapes_sem_seg",
+                   "cityscapes_instance", "lvis")
+
+_SWITCHES = ("PANOPTIC_ON", "INSTANCE_ON", "SEMANTIC_ON")
+
+#: evaluator_type -> ((kind, switch), ...) in the official order; switch None: always.
+EVALUATOR_RULES: Dict[str, Tuple[Tuple[str, Optional[str]], ...]] = {
+    "sem_seg": (("sem_seg", None),),
+    "coco": (("coco_instances", None),),
+    "coco_panoptic_seg": (("coco_panoptic", "PANOPTIC_ON"), ("coco_instances", "INSTANCE_ON"),
+                          ("sem_seg", "SEMANTIC_ON")),
+    "ade20k_panoptic_seg": (("sem_seg", None), ("coco_panoptic", "PANOPTIC_ON"), ("instance_seg", "INSTANCE_ON")),
+    "mapillary_vistas_panoptic_seg": (("coco_panoptic", "PANOPTIC_ON"), ("instance_seg", "INSTANCE_ON"),
+                                      ("sem_seg", "SEMANTIC_ON")),
+    "cityscapes_panoptic_seg": (("coco_panoptic", "PANOPTIC_ON"), ("cityscapes_sem_seg", "SEMANTIC_ON"),
+                                ("cityscapes_instance", "INSTANCE_ON")),
+    "cityscapes_sem_seg": (("cityscapes_sem_seg", None),),
+    "cityscapes_instance": (("cityscapes_instance", None),),
+    "lvis": (("lvis", None),),
+}
+
+
+def evaluator_kinds(evaluator_type: Optional[str], *, panoptic_on: bool, instance_on: bool,
+                    semantic_on: bool) -> List[str]:
+    """The evaluator kinds of a dataset of ``evaluator_type`` under the three TEST switches
+    (empty for an unknown type or when every switched kind is off)."""
+    on = {"PANOPTIC_ON": bool(panoptic_on), "INSTANCE_ON": bool(instance_on), "SEMANTIC_ON": bool(semantic_on)}
+    return [kind for kind, switch in EVALUATOR_RULES.get(evaluator_type, ()) if switch is None or on[switch]]
+
+
+def task_switches(cfg: Any) -> Dict[str, bool]:
+    """``{"PANOPTIC_ON", "INSTANCE_ON", "SEMANTIC_ON"}`` of ``cfg.MODEL.MASK_FORMER.TEST``; a key a
+    config lacks takes its default (config/defaults.py)."""
+    defaults = MASKFORMER2_DEFAULTS["MODEL"]["MASK_FORMER"]["TEST"]
+    test = getattr(getattr(getattr(cfg, "MODEL", None), "MASK_FORMER", None), "TEST", None)
+    return {key: bool(getattr(test, key, defaults[key])) for key in _SWITCHES}
+
+
+def select_evaluator_kinds(cfg: Any, dataset_name: str, evaluator_type: Optional[str]) -> List[str]:
+    """:func:`evaluator_kinds` for ``cfg``; NotImplementedError naming the dataset, its type and
+    the switches when no evaluator applies."""
+    switches = task_switches(cfg)
+    kinds = evaluator_kinds(evaluator_type, panoptic_on=switches["PANOPTIC_ON"],
+                            instance_on=switches["INSTANCE_ON"], semantic_on=switches["SEMANTIC_ON"])
+    if not kinds:
+        raise NotImplementedError(
+            f"No evaluator for dataset {dataset_name!r} with evaluator_type={evaluator_type!r} "
+            f"(MODEL.MASK_FORMER.TEST: PANOPTIC_ON={switches['PANOPTIC_ON']}, "
+            f"INSTANCE_ON={switches['INSTANCE_ON']}, SEMANTIC_ON={switches['SEMANTIC_ON']})"
+        )
+    return kinds
