@@ -259,7 +259,6 @@ def builtin_categories(name: str) -> List[dict]:
     return copy.deepcopy(list(_table(name)))
 
 
-_cats = builtin_categories  # the former name (evaluation/cityscapes_evaluation.py uses it)
 
 
 def __getattr__(name: str) -> Any:

@@ -51,7 +51,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from ..data.catalog import MetadataCatalog, _cats
+from ..data.catalog import MetadataCatalog, builtin_categories
 from ..utils import comm
 from .evaluator import DatasetEvaluator
 
@@ -101,7 +101,7 @@ def cityscapes_label_ids(class_names: Sequence[str], what: str) -> np.ndarray:
 
     ``what`` names the table in the error raised for a name that is not a Cityscapes class.
     """
-    by_name = {c["name"]: int(c["id"]) for c in _cats("cityscapes")}
+    by_name = {c["name"]: int(c["id"]) for c in builtin_categories("cityscapes")}
     unknown = [n for n in class_names if n not in by_name]
     if unknown:
         raise ValueError(
