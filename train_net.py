@@ -21,13 +21,10 @@ import sys
 
 from mask2former.checkpoint import load_checkpoint
 from mask2former.engine.defaults import default_argument_parser, setup
-from mask2former.engine.trainer import (
-    Trainer,
-    format_results_table,
-    is_main_process,
-    seed_all_rng,
-    write_eval_results,
-)
+from mask2former.engine.trainer import Trainer
+from mask2former.utils.comm import is_main_process
+from mask2former.utils.results import format_results_table, write_eval_results
+from mask2former.utils.rng import seed_all_rng
 
 logger = logging.getLogger("mask2former.train_net")
 

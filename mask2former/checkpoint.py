@@ -9,17 +9,16 @@ Supported inputs:
 
 Pickles are never trusted: ``.pkl`` files go through an allow-list unpickler that can only build
 dicts and numpy arrays, and torch files are read with ``torch.load(weights_only=True)`` only.
+Saving goes through :func:`mask2former.utils.file_io.atomic_write`.
 """
 from __future__ import annotations
 
 import codecs
 import collections
-import contextlib
 import errno
 import logging
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -27,6 +26,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
+
+from .utils.file_io import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -440,30 +441,4 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------- saving
 def save_checkpoint(obj: Any, path) -> None:
     """``torch.save(obj, path)`` atomically: the old file is replaced only by a complete new one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Same directory so os.replace is a rename on one filesystem, never a copy.
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            mode = os.stat(path).st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o644  # mkstemp's 0600 would make new checkpoints private
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # Persist the rename itself; not possible on every platform, hence best-effort.
-    with contextlib.suppress(OSError, AttributeError):
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    atomic_write(path, lambda f: torch.save(obj, f))

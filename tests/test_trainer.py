@@ -1,5 +1,6 @@
 """Solver (optimizer groups, LR schedules, clipping) and Trainer (checkpoints, resume, AMP, NaN
-handling, logging, evaluation, CLI) on toy models; no data pipeline needed."""
+handling, logging, evaluation, hooks and their state, CLI) and the atomic writer on toy models;
+no data pipeline needed."""
 import importlib.util
 import itertools
 import json
@@ -17,9 +18,10 @@ from torch import nn
 
 import mask2former
 from mask2former.checkpoint import load_checkpoint, read_checkpoint
-from mask2former.engine import Trainer
+from mask2former.engine import HookBase, Trainer
 from mask2former.engine import trainer as trainer_mod
-from mask2former.engine.trainer import get_rng_states, preserve_rng_states, set_rng_states
+from mask2former.utils.file_io import atomic_write, remove_stale_temp_files
+from mask2former.utils.rng import get_rng_states, preserve_rng_states, set_rng_states
 from mask2former.solver import (
     GradientClipper,
     build_gradient_clipper,
@@ -236,6 +238,21 @@ def test_param_groups_real_model():
         if n.endswith(("query_feat.weight", "query_embed.weight")):
             assert wd == cfg.SOLVER.WEIGHT_DECAY_EMBED
     assert any(n.endswith("query_feat.weight") for n in names.values())
+
+
+def test_bare_detectron2_solver_gets_the_official_maskformer2_defaults(tmp_path):
+    """Without add_maskformer2_config's SOLVER keys the optimizer uses their official values
+    (Mask2Former's config.py: ADAMW, BACKBONE_MULTIPLIER 0.1, WEIGHT_DECAY_EMBED 0.0)."""
+    cfg = toy_cfg(tmp_path, BASE_LR=1.0, WEIGHT_DECAY=0.05)
+    for key in ("OPTIMIZER", "BACKBONE_MULTIPLIER", "WEIGHT_DECAY_EMBED"):
+        cfg.SOLVER.pop(key)
+    model = ToyNet()
+    opt = build_optimizer(cfg, model)
+    assert isinstance(opt, torch.optim.AdamW)
+    g = _group_of(opt)
+    assert g[model.backbone.fc.weight] == (0.1, 0.05)
+    assert g[model.query_feat.weight] == (1.0, 0.0)
+    assert g[model.head.weight] == (1.0, 0.05)
 
 
 # ----------------------------------------------------------------------------- LR schedules
@@ -564,6 +581,196 @@ def test_periodic_eval_does_not_change_training_and_writes_results(tmp_path):
     cfg.DATASETS.TEST = ("toy_val", "toy_val2")
     res = EvalTrainer.test(cfg, ToyNet())
     assert set(res) == {"toy_val", "toy_val2"} and res["toy_val2"]["toy_task"]["name_len"] == 8
+
+
+# ----------------------------------------------------------------------------- hooks
+class EMAHook(HookBase):
+    """Exponential moving average of the model's floating-point weights, kept in the hook's state
+    (what an EMA hook needs; written here without any change to the loop or the Trainer)."""
+
+    def __init__(self, decay=0.8):
+        self.decay = decay
+        self.ema = None
+
+    def after_step(self):
+        weights = self.trainer.model_without_ddp.state_dict()
+        with torch.no_grad():
+            if self.ema is None:
+                self.ema = {k: v.detach().clone() for k, v in weights.items() if v.is_floating_point()}
+            else:
+                for k, v in self.ema.items():
+                    v.mul_(self.decay).add_(weights[k], alpha=1 - self.decay)
+
+    def state_dict(self):
+        return {} if self.ema is None else {"ema": self.ema}
+
+    def load_state_dict(self, state):
+        self.ema = {k: v.clone() for k, v in state["ema"].items()}
+
+
+def test_ema_hook_resumes_exactly(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    t = make_trainer(toy_cfg(straight))
+    ema = EMAHook()
+    t.register_hooks([ema])
+    t.train()
+
+    t1 = make_trainer(toy_cfg(resumed), loader=toy_loader(crash_at=12))
+    t1.register_hooks([EMAHook()])
+    with pytest.raises(Crash):
+        t1.train()
+    assert (resumed / "last_checkpoint").read_text().strip() == "model_0000009.pth"
+    t2 = make_trainer(toy_cfg(resumed))
+    ema2 = EMAHook()
+    t2.register_hooks([ema2])
+    t2.resume_or_load(resume=True)
+    assert t2.start_iter == 10
+    t2.train()
+
+    assert ema.ema.keys() == ema2.ema.keys()
+    assert [k for k in ema.ema if not torch.equal(ema.ema[k], ema2.ema[k])] == []
+    # the average is not the model itself, and the final checkpoint holds it
+    assert max_abs_diff(ema.ema, {k: t.model_without_ddp.state_dict()[k] for k in ema.ema}) > 0
+    _, meta = read_checkpoint(resumed / "model_final.pth")
+    assert all(torch.equal(meta["hooks"]["EMAHook"]["ema"][k], v) for k, v in ema2.ema.items())
+
+
+class CounterHook(HookBase):
+    """Counts its steps; state: {"steps": int, "sum": tensor}."""
+
+    def __init__(self):
+        self.steps = 0
+        self.total = torch.zeros(2)
+        self.at_start = None
+
+    def before_train(self):
+        self.at_start = (self.steps, self.total.clone())
+
+    def after_step(self):
+        self.steps += 1
+        self.total += torch.tensor([1.0, float(self.trainer.iter)])
+
+    def state_dict(self):
+        return {"steps": self.steps, "sum": self.total}
+
+    def load_state_dict(self, state):
+        self.steps, self.total = int(state["steps"]), state["sum"].clone()
+
+
+def test_hook_state_round_trips_through_checkpoints(tmp_path, caplog):
+    plain = tmp_path / "plain"
+    make_trainer(toy_cfg(plain, MAX_ITER=6, CHECKPOINT_PERIOD=3)).train()
+    _, meta = read_checkpoint(plain / "model_final.pth")
+    assert "hooks" not in meta  # the default hooks have no state
+
+    out = tmp_path / "run"
+    t = make_trainer(toy_cfg(out, MAX_ITER=6, CHECKPOINT_PERIOD=3))
+    t.register_hooks([CounterHook()])
+    t.train()
+    _, meta = read_checkpoint(out / "model_0000002.pth")
+    assert meta["hooks"]["CounterHook"]["steps"] == 3
+    assert torch.equal(meta["hooks"]["CounterHook"]["sum"], torch.tensor([3.0, 3.0]))
+
+    # a fresh hook gets the state of the checkpoint it resumes from, then continues
+    (out / "last_checkpoint").write_text("model_0000002.pth\n")
+    t2 = make_trainer(toy_cfg(out, MAX_ITER=6, CHECKPOINT_PERIOD=3))
+    hook = CounterHook()
+    t2.register_hooks([hook])
+    t2.resume_or_load(resume=True)
+    t2.train()
+    assert hook.at_start[0] == 3 and torch.equal(hook.at_start[1], torch.tensor([3.0, 3.0]))
+    assert hook.steps == 6 and torch.equal(hook.total, torch.tensor([6.0, 15.0]))
+
+    # a checkpoint without "hooks" (older, or written without stateful hooks) still resumes: the
+    # hook starts afresh; a state for a hook that is not registered is reported and ignored
+    t3 = make_trainer(toy_cfg(plain, MAX_ITER=8, CHECKPOINT_PERIOD=3))
+    fresh = CounterHook()
+    t3.register_hooks([fresh])
+    t3.resume_or_load(resume=True)
+    t3.train()
+    assert fresh.at_start[0] == 0 and fresh.steps == 2
+    t4 = make_trainer(toy_cfg(out, MAX_ITER=7, CHECKPOINT_PERIOD=3))
+    t4.resume_or_load(resume=True)
+    with caplog.at_level(logging.WARNING, logger="mask2former"):
+        t4.train()
+    assert any("CounterHook" in r.getMessage() and "not registered" in r.getMessage() for r in caplog.records)
+
+    t5 = make_trainer(toy_cfg(tmp_path / "twice", MAX_ITER=2, CHECKPOINT_PERIOD=1))
+    t5.register_hooks([CounterHook(), CounterHook()])
+    with pytest.raises(ValueError, match="CounterHook"):
+        t5.train()
+
+
+class Probe(HookBase):
+    """Records, after each step, what the hooks before it have done for that step."""
+
+    def __init__(self, priority, seen):
+        self.priority = priority
+        self.seen = seen
+
+    def after_step(self):
+        t = self.trainer
+        i = t.iter
+        out = Path(t.output_dir)
+        rows = read_metrics(out) if (out / "metrics.json").exists() else []
+        self.seen.append((self.priority, i, {
+            "checkpoint": (out / f"model_{i:07d}.pth").exists(),
+            "eval": any(it == i for it, _ in t.records) or any(r["iteration"] == i and "toy_task/score" in r
+                                                             for r in rows),
+            "log": any(r["iteration"] == i and "total_loss" in r for r in rows),
+        }))
+
+
+def test_hook_order_and_after_step_order(tmp_path):
+    cfg = toy_cfg(tmp_path, MAX_ITER=8, CHECKPOINT_PERIOD=4)
+    cfg.DATASETS.TEST = ("toy_val",)
+    cfg.TEST.EVAL_PERIOD = 4
+    t = EvalTrainer(cfg, build_model=lambda c: ToyNet(), build_train_loader=toy_loader(), log_period=4,
+                    tensorboard=False, progress_bar=False)
+    seen = []
+    t.register_hooks([Probe(45, seen), Probe(35, seen), Probe(25, seen), None, Probe(HookBase.priority, seen)])
+    names = [type(h).__name__ + (f"@{h.priority}" if isinstance(h, Probe) else "") for h in t.hooks]
+    assert names == ["LRLogger", "Probe@15", "PeriodicCheckpointer", "Probe@25", "EvalHook", "Probe@35",
+                     "MetricsWriter", "Probe@45", "ProgressBar"]
+    t.train()
+    at3 = {p: done for p, i, done in seen if i == 3}
+    assert at3[15] == {"checkpoint": False, "eval": False, "log": False}
+    assert at3[25] == {"checkpoint": True, "eval": False, "log": False}
+    assert at3[35] == {"checkpoint": True, "eval": True, "log": False}
+    assert at3[45] == {"checkpoint": True, "eval": True, "log": True}
+    at7 = {p: done for p, i, done in seen if i == 7}  # the final evaluation comes after training
+    assert at7[45] == {"checkpoint": True, "eval": False, "log": True}
+    assert (tmp_path / "model_final.pth").exists()
+    rows = read_metrics(tmp_path)
+    assert [(r["iteration"], "toy_task/score" in r) for r in rows] == [(3, True), (3, False), (7, False), (7, True)]
+
+
+def test_atomic_write_failure_keeps_previous_file_and_no_temp_file(tmp_path):
+    path = tmp_path / "out.txt"
+    atomic_write(path, "old \u00e9\n")
+    os.chmod(path, 0o640)
+
+    def dies_half_way(f):
+        f.write(b"partial")
+        raise OSError("No space left on device")
+
+    for content, error in ((dies_half_way, OSError), (3, TypeError)):
+        with pytest.raises(error):
+            atomic_write(path, content)
+        assert path.read_text(encoding="utf-8") == "old \u00e9\n"
+        assert os.listdir(tmp_path) == ["out.txt"]
+
+    atomic_write(path, b"new")
+    assert path.read_bytes() == b"new" and (path.stat().st_mode & 0o777) == 0o640
+    atomic_write(str(tmp_path / "sub" / "t.pth"), lambda f: torch.save({"a": torch.ones(2)}, f))
+    assert torch.equal(torch.load(tmp_path / "sub" / "t.pth", weights_only=True)["a"], torch.ones(2))
+    assert ((tmp_path / "sub" / "t.pth").stat().st_mode & 0o777) == 0o644
+
+    # what a killed writer leaves behind is removed for the names asked for only
+    for name in (".out.txt.k3j2.tmp", ".other.txt.x.tmp", "out.txt.tmp"):
+        (tmp_path / name).write_text("x")
+    remove_stale_temp_files(str(tmp_path), ["out.txt."])
+    assert sorted(os.listdir(tmp_path)) == [".other.txt.x.tmp", "out.txt", "out.txt.tmp", "sub"]
 
 
 # ----------------------------------------------------------------------------- command line

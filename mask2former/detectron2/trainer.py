@@ -172,7 +172,7 @@ def setup(args):
 def _report(cfg, results) -> None:
     if not comm.is_main_process() or not results:
         return
-    from ..engine.trainer import format_results_table, write_eval_results
+    from ..utils.results import format_results_table, write_eval_results
 
     verify_results(cfg, results)
     print(format_results_table(results))

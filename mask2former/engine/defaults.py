@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from ..config import get_cfg
-from .trainer import get_rank, get_world_size, init_distributed, is_main_process, write_text_atomic
+from ..utils.comm import get_rank, get_world_size, init_distributed, is_main_process
+from ..utils.file_io import atomic_write
 
 __all__ = ["default_argument_parser", "default_setup", "setup", "setup_logger", "check_launch",
            "register_custom_datasets"]
@@ -164,7 +165,7 @@ def default_setup(cfg, args) -> None:
             log.info("Contents of %s:\n%s", args.config_file, f.read())
     if is_main_process() and output_dir:
         path = os.path.join(output_dir, "config.yaml")
-        write_text_atomic(path, cfg.dump())
+        atomic_write(path, cfg.dump())
         log.info("Full config saved to %s", path)
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)

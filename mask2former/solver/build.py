@@ -32,6 +32,7 @@ from fvcore.common.param_scheduler import (
 )
 from torch import nn
 
+from ..config.defaults import MASKFORMER2_DEFAULTS
 from ..layers.norm import FrozenBatchNorm2d, LayerNorm2d
 from .lr_scheduler import LRMultiplier, WarmupParamScheduler, WarmupPolyParamScheduler
 
@@ -111,6 +112,12 @@ def get_optimizer_param_groups(
     return list(groups.values())
 
 
+def _maskformer2_key(solver_cfg, key: str) -> Any:
+    # A bare Detectron2 config (without add_maskformer2_config) lacks Mask2Former's SOLVER keys;
+    # it gets their official defaults, the ones config/defaults.py holds.
+    return solver_cfg.get(key, MASKFORMER2_DEFAULTS["SOLVER"][key])
+
+
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """``SOLVER.OPTIMIZER`` ("ADAMW" or "SGD") over :func:`get_optimizer_param_groups` groups."""
     s = cfg.SOLVER
@@ -118,20 +125,21 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         model,
         base_lr=s.BASE_LR,
         weight_decay=s.WEIGHT_DECAY,
-        backbone_multiplier=s.get("BACKBONE_MULTIPLIER", 1.0),
+        backbone_multiplier=_maskformer2_key(s, "BACKBONE_MULTIPLIER"),
         weight_decay_norm=s.WEIGHT_DECAY_NORM,
-        weight_decay_embed=s.get("WEIGHT_DECAY_EMBED", None),
+        weight_decay_embed=_maskformer2_key(s, "WEIGHT_DECAY_EMBED"),
         bias_lr_factor=s.BIAS_LR_FACTOR,
         weight_decay_bias=s.WEIGHT_DECAY_BIAS,
     )
     if not groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    name = str(s.get("OPTIMIZER", "SGD")).upper()
+    optimizer = _maskformer2_key(s, "OPTIMIZER")
+    name = str(optimizer).upper()
     if name == "SGD":
         return torch.optim.SGD(groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV)
     if name == "ADAMW":
         return torch.optim.AdamW(groups, lr=s.BASE_LR)
-    raise ValueError(f"SOLVER.OPTIMIZER = {s.OPTIMIZER!r} is not supported; expected 'ADAMW' or 'SGD'")
+    raise ValueError(f"SOLVER.OPTIMIZER = {optimizer!r} is not supported; expected 'ADAMW' or 'SGD'")
 
 
 # ----------------------------------------------------------------------------- gradient clipping

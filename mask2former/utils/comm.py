@@ -7,16 +7,21 @@ Objects are exchanged with ``torch.distributed.*_object`` collectives. When the 
 uses NCCL, those collectives run on a lazily created gloo group instead, so that pickled Python
 objects (evaluation predictions, confusion matrices) are moved through CPU memory and not GPU
 memory.
+
+:func:`init_distributed` joins the process group that torchrun describes in the environment.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List
+import logging
+import os
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
+    "init_distributed",
     "is_dist_initialized",
     "get_world_size",
     "get_rank",
@@ -26,6 +31,33 @@ __all__ = [
     "gather",
     "reduce_dict",
 ]
+
+logger = logging.getLogger(__name__)
+
+
+def init_distributed(use_cuda: Optional[bool] = None) -> bool:
+    """Join the process group described by torchrun's environment (WORLD_SIZE > 1).
+
+    NCCL when the processes train on CUDA (each on GPU ``LOCAL_RANK``), gloo on CPU. Returns whether
+    a process group is in use. Calling it again is harmless.
+    """
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return True
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return False
+    if use_cuda is None:
+        use_cuda = torch.cuda.is_available()
+    use_cuda = bool(use_cuda) and torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+    logger.info("Joined process group: rank %d of %d (local rank %d, backend %s)",
+                dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+    return True
 
 
 def is_dist_initialized() -> bool:
