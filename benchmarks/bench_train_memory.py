@@ -6,7 +6,7 @@
     python benchmarks/bench_train_memory.py --num-targets 30 --json out.json
     python benchmarks/bench_train_memory.py --size 256 --batch 1 --num-targets 4   # quick smoke run
 
-One training step is the trainer's step (mask2former/engine/trainer.py ``run_step``): forward in
+One training step is the trainer's step (mask2former/engine/train_loop.py ``TrainLoop.run_step``): forward in
 training mode under autocast when SOLVER.AMP.ENABLED (bf16 on CPU; the official recipe trains
 with AMP), sum of the weighted losses, backward, SOLVER.CLIP_GRADIENTS, and the optimizer of
 SOLVER.OPTIMIZER with its parameter groups (AdamW), on ``--batch`` images (default 2: the

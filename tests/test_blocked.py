@@ -2,7 +2,6 @@
 probe, the dense view of opaque memory, and the ResNet's once-per-size check against NCHW."""
 import pytest
 import torch
-from torch.nn import functional as F
 
 from mask2former.accel import set_fast_inference, verified
 from mask2former.accel.cpu import blocked

@@ -265,7 +265,7 @@ def test_checkpoints_of_our_engine_load_in_detectron2(d2, parity_dir, tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
 
     from mask2former.checkpoint import save_checkpoint
-    from mask2former.engine.trainer import get_rng_states
+    from mask2former.utils.rng import get_rng_states
 
     _, model, ours = _build_both(parity_dir, "semantic")
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 
 import mask2former as m2f
 from mask2former.checkpoint import read_checkpoint
-from mask2former.data import DatasetCatalog, MetadataCatalog, reset_skipped_samples, skipped_samples
+from mask2former.data import DatasetCatalog, reset_skipped_samples, skipped_samples
 from mask2former.data.datasets import register_coco_panoptic
 from mask2former.data.datasets import synthetic
 from mask2former.engine import Trainer

@@ -31,7 +31,7 @@ from detectron2.evaluation import (
 )
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_deeplab_config, add_maskformer2_config
+from ..config import CfgNode, add_deeplab_config, add_maskformer2_config
 from ..data.ids import contiguous_to_dataset
 from ..evaluation.selection import select_evaluator_kinds
 from ..solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
@@ -161,7 +161,10 @@ def setup(args):
     register_all()  # also mirrors the datasets just registered
     cfg = get_cfg()
     if args.config_file:
-        cfg.merge_from_file(args.config_file)
+        # read with this package's loader, which never runs code from the file (Detectron2's
+        # merge_from_file falls back to yaml.unsafe_load), then merged as Detectron2 merges files
+        data = CfgNode.load_yaml_with_base(args.config_file, allow_unsafe=True)
+        cfg.merge_from_other_cfg(type(cfg)(data))
     cfg.merge_from_list(list(args.opts or []))
     cfg.freeze()
     default_setup(cfg, args)

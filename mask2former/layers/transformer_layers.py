@@ -9,7 +9,6 @@ their parameters are named.
 import copy
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 

@@ -17,8 +17,6 @@ kernel (bitwise the same result, without two (N, Lq, M, L, P, 2) temporaries); o
 computes the locations with torch (``sampling_locations_from_offsets``) and calls
 ``ms_deform_attn``.
 """
-from typing import Sequence
-
 import torch
 from torch.nn import functional as F
 

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from ..catalog import builtin_categories
+from ...utils.file_io import atomic_write
 from ..ids import id2rgb
 from ._common import (
     datasets_root,
@@ -375,9 +376,8 @@ def convert_ade20k_panoptic(root: Optional[str] = None, workers: int = 4) -> Lis
 
         results = run_jobs([(n,) for n in names], convert, workers, f"ADE20K panoptic {name}")
         out_json = os.path.join(base, f"ade20k_panoptic_{name}.json")
-        with open(out_json, "w", encoding="utf-8") as f:
-            json.dump({"images": [r[0] for r in results], "annotations": [r[1] for r in results],
-                       "categories": categories}, f)
+        atomic_write(out_json, json.dumps({"images": [r[0] for r in results],
+                                           "annotations": [r[1] for r in results], "categories": categories}))
         outputs += [out_dir, out_json]
     return outputs
 
@@ -422,9 +422,8 @@ def convert_ade20k_instance(root: Optional[str] = None, workers: int = 4) -> Lis
         for i, a in enumerate(annotations):
             a["id"] = i + 1
         out_json = os.path.join(base, f"ade20k_instance_{name}.json")
-        with open(out_json, "w", encoding="utf-8") as f:
-            json.dump({"images": [r[0] for r in results], "annotations": annotations,
-                       "categories": categories}, f)
+        atomic_write(out_json, json.dumps({"images": [r[0] for r in results], "annotations": annotations,
+                                           "categories": categories}))
         outputs.append(out_json)
     return outputs
 
