@@ -7,12 +7,34 @@ segmentation, without a Detectron2 dependency.
     out = model([{"image": chw_tensor, "height": H, "width": W}])[0]
 """
 from .checkpoint import load_checkpoint
-from .config import add_deeplab_config, add_maskformer2_config, get_cfg
-from .modeling import build_model
+from .config import UnsafeConfigError, add_deeplab_config, add_maskformer2_config, get_cfg
+from .data.dataset_mappers import (  # the official package exports its mappers here too
+    COCOInstanceNewBaselineDatasetMapper,
+    COCOPanopticNewBaselineDatasetMapper,
+    MaskFormerInstanceDatasetMapper,
+    MaskFormerPanopticDatasetMapper,
+    MaskFormerSemanticDatasetMapper,
+)
+from .evaluation import InstanceSegEvaluator
+from .modeling import MaskFormer, build_model
 
 __version__ = "0.1.0"
 
-__all__ = ["get_cfg", "build_model", "load_checkpoint", "add_maskformer2_config", "add_deeplab_config"]
+__all__ = [
+    "get_cfg",
+    "build_model",
+    "load_checkpoint",
+    "add_maskformer2_config",
+    "add_deeplab_config",
+    "UnsafeConfigError",
+    "MaskFormer",
+    "InstanceSegEvaluator",
+    "MaskFormerSemanticDatasetMapper",
+    "MaskFormerPanopticDatasetMapper",
+    "MaskFormerInstanceDatasetMapper",
+    "COCOInstanceNewBaselineDatasetMapper",
+    "COCOPanopticNewBaselineDatasetMapper",
+]
 
 # With Detectron2 installed, register MaskFormer and the datasets in its registries (as the official
 # extension does); without it this is one cheap check. M2F_DETECTRON2=0 turns it off.
