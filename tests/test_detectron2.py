@@ -441,3 +441,15 @@ def test_train_net_engine_detectron2_matches_our_evaluators(d2, synthetic_root, 
     assert compared >= 20
     # the training did something: stuff classes are segmented
     assert theirs["sem_seg"]["mIoU"] > 5 and theirs["panoptic_seg"]["PQ"] > 1
+
+
+def test_engine_detectron2_refuses_hostile_config(d2, tmp_path):
+    """--engine detectron2 reads config files with this package's loader: Detectron2's own
+    merge_from_file would run the tag (fvcore falls back to yaml.unsafe_load)."""
+    sentinel = tmp_path / "pwned"
+    cfg = tmp_path / "hostile.yaml"
+    cfg.write_text(f'MODEL:\n  META_ARCHITECTURE: !!python/object/apply:os.system ["touch {sentinel}"]\n')
+    proc = subprocess.run([sys.executable, str(REPO / "train_net.py"), "--engine", "detectron2", "--config-file",
+                           str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and not sentinel.exists()
+    assert "MODEL.META_ARCHITECTURE" in proc.stderr and "!!python/object/apply:os.system" in proc.stderr
