@@ -15,12 +15,13 @@ the same values as the per-head copies the plain decoder builds.
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
 
 from ..modeling.transformer_decoder.mask2former_transformer_decoder import MultiScaleMaskedTransformerDecoder
-from .core import accelerates, inference_active, verified
+from .core import accelerates, inference_active, module_state, verified
 
 __all__ = ["attention_mask_pixels", "FastMultiScaleMaskedTransformerDecoder"]
 
@@ -49,10 +50,29 @@ def attention_mask_pixels(mask_features: torch.Tensor, size) -> Optional[torch.T
 
 @accelerates(MultiScaleMaskedTransformerDecoder)
 class FastMultiScaleMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder):
+    def forward(self, x, mask_features, mask=None):
+        if not inference_active(self):
+            return super().forward(x, mask_features, mask)
+        # the layers cycle over three levels: select each level's pixels once per call (per thread)
+        calls = module_state(self).setdefault("pixels", {})
+        calls[threading.get_ident()] = {}
+        try:
+            return super().forward(x, mask_features, mask)
+        finally:
+            calls.pop(threading.get_ident(), None)
+
+    def _pixels(self, mask_features, size):
+        selected = module_state(self).get("pixels", {}).get(threading.get_ident())
+        if selected is None:
+            return attention_mask_pixels(mask_features, size)
+        if size not in selected:
+            selected[size] = attention_mask_pixels(mask_features, size)
+        return selected[size]
+
     def prediction_heads(self, output, mask_features, attn_mask_size):
         pixels = None
         if attn_mask_size is not None and inference_active(self):
-            pixels = attention_mask_pixels(mask_features, attn_mask_size)
+            pixels = self._pixels(mask_features, tuple(attn_mask_size))
         if pixels is None:
             return super().prediction_heads(output, mask_features, attn_mask_size)
         logits, embed = self.class_and_mask_embed(output)
