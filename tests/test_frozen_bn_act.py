@@ -14,7 +14,6 @@ from mask2former.modeling.backbone.resnet import BasicStem, DeepLabStem, ResNet,
 from mask2former.ops import backend_info, frozen_bn, frozen_bn_act, frozen_bn_act_compiled
 from mask2former.ops.backend import env, state
 
-ISAS = ("generic", "avx2", "avx512")  # capped to what the CPU supports
 SHAPES = [(2, 19, 5, 37), (1, 24, 1, 1), (2, 7, 16, 16), (1, 33, 9, 17), (2, 3, 1, 31), (1, 16, 4, 4)]
 
 
@@ -26,12 +25,6 @@ def op():
     if not info.cpu:
         pytest.skip(f"compiled CPU kernels unavailable: {info.reason}")
     return torch.ops.mask2former.frozen_bn_act
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch, op):
-    monkeypatch.setenv("M2F_OPS_CPU_ISA", request.param)
-    return request.param
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

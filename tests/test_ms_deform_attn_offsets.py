@@ -20,7 +20,6 @@ from mask2former.ops import (
 )
 from mask2former.ops.backend import state
 
-ISAS = ("generic", "avx2", "avx512")  # capped to what the CPU supports
 OP_NAME = "mask2former::ms_deform_attn_offsets"
 
 # (H, W) per level, paired with a number of points: L = 1..4, P = 1..4, non-square levels
@@ -40,12 +39,6 @@ def op():
     if not info.cpu:
         pytest.skip(f"compiled CPU kernel unavailable: {info.reason}")
     return torch.ops.mask2former.ms_deform_attn_offsets
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch, op):
-    monkeypatch.setenv("M2F_OPS_CPU_ISA", request.param)
-    return request.param
 
 
 def make_inputs(levels, n=2, lq=11, m=3, d=8, p=2, dtype=torch.float32, ref_layout="expanded", seed=0):

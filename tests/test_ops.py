@@ -21,7 +21,6 @@ from mask2former.ops import backend_info, ms_deform_attn, ms_deform_attn_referen
 from mask2former.ops.backend import env
 
 REPO = Path(__file__).resolve().parents[1]
-ISAS = ("generic", "avx2", "avx512")  # capped to what the CPU supports
 
 
 def _toolchain_missing():
@@ -49,12 +48,6 @@ def op():
     if not info.cpu:
         pytest.skip(f"compiled CPU kernel unavailable: {info.reason}")
     return torch.ops.mask2former.ms_deform_attn
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch, op):
-    monkeypatch.setenv("M2F_OPS_CPU_ISA", request.param)
-    return request.param
 
 
 def make_inputs(shapes, n=2, lq=7, m=3, d=5, p=3, dtype=torch.float64, lo=-0.3, hi=1.3, seed=0):
