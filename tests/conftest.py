@@ -7,7 +7,7 @@
 * CI strictness: under ``CI=true`` what CI provides (``../shared``, the ``dev`` extra's packages)
   must be there, so a test that would skip for its absence fails instead (:func:`skip_or_fail_in_ci`,
   :func:`require_module`). Skips for what CI cannot provide (a GPU, Detectron2) stay skips.
-* ``isa``: each CPU kernel variant (M2F_OPS_CPU_ISA) in turn, for test files that define an ``op``
+* :func:`require_compiled_cpu_ops` and ``isa``: each CPU kernel variant (M2F_OPS_CPU_ISA) in turn, for test files that define an ``op``
   fixture (the compiled op they test).
 """
 import importlib
@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 PARITY = SHARED / "parity"
 EVAL = SHARED / "eval"
+# ../shared/parity/manifest_<name>.json (official state-dict keys and shapes of released models);
+# listed rather than globbed so that a missing ../shared cannot turn the tests into an empty set.
+PARITY_MANIFESTS = ("ade20k_semantic_R50", "ade20k_semantic_swinT", "cityscapes_instance_R101", "coco_instance_R50",
+                    "coco_panoptic_R50", "coco_panoptic_swinL", "mapillary_panoptic_R50")
 
 ISAS = ("generic", "avx2", "avx512")
 
@@ -53,7 +57,21 @@ def require_module(name: str, install: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        skip_or_fail_in_ci(f"{name} is not importable ({e}); install it with {install}")
+        error = e
+    skip_or_fail_in_ci(f"{name} is not importable ({error}); install it with {install}")
+
+
+def require_compiled_cpu_ops() -> None:
+    """Skip under M2F_OPS=reference (an explicit choice of the reference); otherwise the compiled
+    CPU kernels must build here: skip (fail under CI, which has the toolchain) with the reason."""
+    from mask2former.ops import backend_info
+    from mask2former.ops.backend import env
+
+    if env.mode() == "reference":
+        pytest.skip("M2F_OPS=reference forces the PyTorch reference")
+    info = backend_info()
+    if not info.cpu:
+        skip_or_fail_in_ci(f"compiled CPU kernels unavailable: {info.reason}")
 
 
 @pytest.fixture(scope="session")

@@ -18,23 +18,15 @@ from mask2former.data.image_io import read_image_8bit
 from mask2former.engine import Predictor, resize_shortest_edge
 from mask2former.structures import Instances
 from mask2former.utils.visualizer import Visualizer, default_color
+from tests.conftest import PARITY, REPO, require_shared
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-PARITY = SHARED / "parity"
 # Small test sizes keep the tiny models fast on CPU.
 SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared parity file {path} is absent in this checkout")
-    return path
-
-
 def _tiny_cfg(name="panoptic", opts=()):
-    yaml = _need(PARITY / f"tiny_{name}.yaml")
-    pkl = _need(PARITY / f"tiny_{name}.pkl")
+    yaml = require_shared(PARITY / f"tiny_{name}.yaml")
+    pkl = require_shared(PARITY / f"tiny_{name}.pkl")
     cfg = m2f.get_cfg()
     cfg.merge_from_file(str(yaml))
     cfg.merge_from_list(["MODEL.WEIGHTS", str(pkl), "MODEL.DEVICE", "cpu", *opts])
@@ -99,7 +91,7 @@ def test_predictor_outputs_at_original_size():
 
 
 def test_predictor_matches_official_outputs_without_resizing():
-    io = np.load(_need(PARITY / "tiny_semantic_io.npz"))
+    io = np.load(require_shared(PARITY / "tiny_semantic_io.npz"))
     image = io["random_native__image"]  # RGB, 75 x 109; MIN_SIZE_TEST 75 means no resizing
     predictor = Predictor(_tiny_cfg("semantic", ["INPUT.MIN_SIZE_TEST", "75", "INPUT.MAX_SIZE_TEST", "1333"]))
     expected = io["random_native__sem_argmax"]
@@ -175,7 +167,7 @@ TINY = ["INPUT.MIN_SIZE_TEST", "32", "INPUT.MAX_SIZE_TEST", "64"]
 
 
 def _demo_args(name, *args, opts=()):
-    yaml, pkl = _need(PARITY / f"tiny_{name}.yaml"), _need(PARITY / f"tiny_{name}.pkl")
+    yaml, pkl = require_shared(PARITY / f"tiny_{name}.yaml"), require_shared(PARITY / f"tiny_{name}.pkl")
     return ["--config-file", str(yaml), *args, "--opts", "MODEL.WEIGHTS", str(pkl), "MODEL.DEVICE", "cpu",
             *TINY, *opts]
 
@@ -258,7 +250,7 @@ def test_demo_cli_fails_when_nothing_succeeds(demo, tmp_path, caplog):
 
 
 def test_demo_cli_missing_weights(demo, tmp_path, caplog):
-    yaml = _need(PARITY / "tiny_panoptic.yaml")
+    yaml = require_shared(PARITY / "tiny_panoptic.yaml")
     img = tmp_path / "a.png"
     cv2.imwrite(str(img), _image(20, 20))
     args = ["--config-file", str(yaml), "--input", str(img), "--output", str(tmp_path / "out"),

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import mask2former as m2f
+from tests.conftest import require_shared
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_MODELS = ["panoptic", "instance", "semantic", "swin_semantic", "maskformer_semantic"]
@@ -162,10 +163,7 @@ def test_registration_failure_is_one_warning(d2, monkeypatch):
 def test_detectron2_built_full_model_has_official_keys(d2, parity_dir, manifest):
     from detectron2.modeling import build_model
 
-    path = parity_dir / f"manifest_{manifest}.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    m = json.loads(path.read_text())
+    m = json.loads(require_shared(parity_dir / f"manifest_{manifest}.json").read_text())
     model = build_model(_d2_cfg(REPO / m["config"]))
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert set(shapes) == set(m["keys"])

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from mask2former.data.catalog import DatasetCatalog, MetadataCatalog
 from mask2former.evaluation import (
@@ -26,11 +29,6 @@ from mask2former.evaluation import (
 )
 from mask2former.evaluation.panoptic_evaluation import PQStat, id2rgb, pq_results, rgb2id
 from mask2former.structures import Boxes, Instances
-
-pycocotools = pytest.importorskip("pycocotools")
-from pycocotools import mask as mask_util  # noqa: E402
-from pycocotools.coco import COCO  # noqa: E402
-from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import torch
 
 from mask2former.layers import MSDeformAttn
 from mask2former.ops import (
-    backend_info,
     check_ms_deform_attn_offsets_shapes,
     ms_deform_attn_from_offsets,
     ms_deform_attn_reference,
 )
 from mask2former.ops.backend import state
+from tests.conftest import require_compiled_cpu_ops
 
 OP_NAME = "mask2former::ms_deform_attn_offsets"
 
@@ -35,9 +35,7 @@ LEVELS_AND_POINTS = [
 @pytest.fixture(scope="module")
 def op():
     """The compiled op; builds the kernels (once, cached on disk) or skips."""
-    info = backend_info()
-    if not info.cpu:
-        pytest.skip(f"compiled CPU kernel unavailable: {info.reason}")
+    require_compiled_cpu_ops()
     return torch.ops.mask2former.ms_deform_attn_offsets
 
 

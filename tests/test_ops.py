@@ -9,7 +9,6 @@ The kernels are built once per machine and cached in the torch extensions dir (f
 import ast
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,34 +18,15 @@ import torch
 
 from mask2former.ops import backend_info, ms_deform_attn, ms_deform_attn_reference
 from mask2former.ops.backend import env
+from tests.conftest import require_compiled_cpu_ops
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _toolchain_missing():
-    from torch.utils import cpp_extension
-
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler}) found"
-    try:
-        cpp_extension.verify_ninja_availability()
-    except RuntimeError:
-        return "ninja not available"
-    return None
 
 
 @pytest.fixture(scope="module")
 def op():
     """The compiled forward op; builds the kernels (once, cached on disk) or skips."""
-    missing = _toolchain_missing()
-    if missing:
-        pytest.skip(f"compiled ops need a toolchain: {missing}")
-    if env.mode() == "reference":
-        pytest.skip("M2F_OPS=reference")
-    info = backend_info()
-    if not info.cpu:
-        pytest.skip(f"compiled CPU kernel unavailable: {info.reason}")
+    require_compiled_cpu_ops()
     return torch.ops.mask2former.ms_deform_attn
 
 
