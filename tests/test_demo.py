@@ -375,15 +375,32 @@ def test_demo_unregistrable_datasets_yaml(demo, tmp_path, caplog):
 
 # ----------------------------------------------------------------------------- demo: video
 def _write_video(path: Path, frames: int, size=(48, 32), fps=10.0) -> Path:
+    """Frames that differ from one to the next (background colour, a moving circle and bar), so
+    that the model's predictions, and what is drawn, differ too."""
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
     assert writer.isOpened()
     w, h = size
     for i in range(frames):
-        frame = np.full((h, w, 3), 90, np.uint8)
-        cv2.circle(frame, (4 + i % (w - 8), h // 2), h // 4, (30, 200, 240), -1)
+        frame = np.empty((h, w, 3), np.uint8)
+        frame[:] = ((37 * i) % 200 + 30, (91 * i) % 200 + 30, (53 * i) % 200 + 30)
+        cv2.circle(frame, ((7 * i) % w, h // 2), h // 3, (30, 200, 240), -1)
+        cv2.rectangle(frame, (w // 2, (5 * i) % (h // 2)), (w - 3, h - 3), (200, 40, (60 + 10 * i) % 256), -1)
         writer.write(frame)
     writer.release()
     return path
+
+
+def _decode(path: Path) -> list:
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened(), path
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return frames
 
 
 def _count_frames(path: Path):
@@ -408,6 +425,26 @@ def test_demo_video_writes_every_frame(demo, tmp_path, caplog):
     decoded, (count, width, height) = _count_frames(tmp_path / "vis" / "clip.mp4")
     assert decoded == count == 30 and (width, height) == (48, 32)
     assert any("30 frames" in r.getMessage() and "frames/s" in r.getMessage() for r in caplog.records)
+
+    # What is drawn on each frame is the image path's drawing of that frame: the frames the
+    # video path decoded, saved losslessly, go through --input; its outputs, encoded by the same
+    # writer at the same rate, decode to the video path's frames (the codec is deterministic,
+    # so its loss is the same on both sides).
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    for i, frame in enumerate(_decode(video)):
+        cv2.imwrite(str(frames_dir / f"{i:03d}.png"), frame)
+    assert demo.main(_demo_args("semantic", "--input", str(frames_dir), "--output", str(tmp_path / "img"),
+                                "--batch-size", "8")) == 0
+    drawn = [cv2.imread(str(tmp_path / "img" / f"{i:03d}.png")) for i in range(30)]
+    writer = demo_lib.open_video_writer(str(tmp_path / "expected.mp4"), 10.0, (48, 32))
+    for image in drawn:
+        writer.write(image)
+    writer.release()
+    got, expected = _decode(tmp_path / "vis" / "clip.mp4"), _decode(tmp_path / "expected.mp4")
+    assert len(got) == len(expected) == 30
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert np.array_equal(a, b), f"frame {i}: {np.abs(a.astype(int) - b).mean():.2f} mean difference"
 
 
 def test_demo_webcam_mode(demo, tmp_path, monkeypatch):
