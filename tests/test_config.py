@@ -286,10 +286,10 @@ def test_manifest_config_matches_model_kind(parity_dir, name):
         n_res4 = len({k.split(".")[2] for k in keys if k.startswith("backbone.res4.")})
         assert m.RESNETS.DEPTH == {6: 50, 23: 101}[n_res4]
 
-    if data["config"] in EXPECTED_KIND:
-        kind, size, num_classes = EXPECTED_KIND[data["config"]]
-        assert m.SEM_SEG_HEAD.NUM_CLASSES == num_classes
-        assert (m.SWIN.EMBED_DIM if kind == "swin" else m.RESNETS.DEPTH) == size
+    # every manifest's config is listed: a new one cannot skip this check silently
+    kind, size, num_classes = EXPECTED_KIND[data["config"]]
+    assert m.SEM_SEG_HEAD.NUM_CLASSES == num_classes
+    assert (m.SWIN.EMBED_DIM if kind == "swin" else m.RESNETS.DEPTH) == size
 
 
 # What the tiny parity models changed relative to their official config (parity README).

@@ -851,9 +851,17 @@ def test_train_loader_foreign_mapper_is_deterministic(coco):
 
 
 def test_random_seed_is_recorded(coco):
-    loader = build_detection_train_loader(_cfg(SEED=-1), mapper=lambda d: d["file_name"],
-                                          dataset=_pan_dicts(coco))
-    assert loader.seed >= 0
+    """SEED -1 draws a seed; the loader records the one it uses: SEED <that> gives its samples."""
+    def first_batches(seed):
+        loader = build_detection_train_loader(_cfg(SEED=seed), mapper=lambda d: d["file_name"],
+                                              dataset=_pan_dicts(coco))
+        it = iter(loader)
+        return loader.seed, [next(it) for _ in range(8)]
+
+    seed, batches = first_batches(-1)
+    assert seed >= 0
+    assert first_batches(seed) == (seed, batches)
+    assert first_batches(seed + 1)[1] != batches
 
 
 def test_test_loader_shards_in_order(coco):

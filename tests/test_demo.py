@@ -259,7 +259,7 @@ def test_demo_cli_missing_weights(demo, tmp_path, caplog):
     assert any("MODEL.WEIGHTS" in r.getMessage() for r in caplog.records)
 
 
-def test_demo_output_paths_and_argument_errors(demo, tmp_path, capsys):
+def test_demo_output_paths_and_argument_errors(demo, tmp_path, capsys, monkeypatch):
     assert demo_lib.output_paths(str(tmp_path / "vis.png"), ["x/a.jpg"]) == [str(tmp_path / "vis.png")]
     assert demo_lib.output_paths("out", ["x/a.jpg", "y/a.png", "b.jpeg"]) == [
         str(Path("out") / "a.png"), str(Path("out") / "a_1.png"), str(Path("out") / "b.png")]
@@ -283,10 +283,15 @@ def test_demo_output_paths_and_argument_errors(demo, tmp_path, capsys):
             demo.main(argv)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err, argv
-    if not demo_lib.display_available():  # headless: showing in a window is refused up front
-        with pytest.raises(SystemExit):
-            demo.main(["--input", a])
-        assert "no --output given and no display" in capsys.readouterr().err
+    # headless (simulated, so that the check runs on machines with a display too): showing in a
+    # window is refused up front, with the reason
+    monkeypatch.setattr(demo, "display_available", lambda: False)
+    monkeypatch.setattr(demo, "no_display_reason", lambda: "simulated: DISPLAY is not set")
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--input", a])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no --output given and no display to show the results in (simulated: DISPLAY is not set)" in err
 
 
 # ----------------------------------------------------------------------------- demo: --save-json
