@@ -251,7 +251,11 @@ def test_detectron2_build_model_matches_ours_and_official(d2, parity_dir, name):
             assert ins.pred_classes.tolist() == g("ins_classes").tolist()
             np.testing.assert_allclose(ins.scores.numpy(), g("ins_scores"), atol=PROB_TOL, rtol=0)
             masks = ins.pred_masks.numpy().astype(np.uint8)
-            assert masks.shape == g("ins_masks").shape and (masks == g("ins_masks")).mean() >= PIXEL_AGREEMENT
+            assert masks.shape == g("ins_masks").shape
+            # each instance on its own: the masks are mostly foreground, so agreement pooled over
+            # all N instances would hide one wrong mask
+            for k, (mask, ref) in enumerate(zip(masks, g("ins_masks"))):
+                assert (mask == ref).mean() >= PIXEL_AGREEMENT, (case, k)
             checked.add("instance")
     assert checked
 
