@@ -3,7 +3,6 @@ import logging
 import os
 import pickle
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,15 +18,7 @@ from mask2former.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-PARITY = SHARED / "parity"
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared parity file {path} is absent in this checkout")
-    return path
+from tests.conftest import require_shared
 
 
 class Block(nn.Module):
@@ -84,8 +75,8 @@ class _Evil:
 
 
 # --------------------------------------------------------------------------- real parity file
-def test_read_real_model_zoo_pkl():
-    sd, meta = read_checkpoint(_need(PARITY / "tiny_panoptic.pkl"))
+def test_read_real_model_zoo_pkl(parity_dir):
+    sd, meta = read_checkpoint(require_shared(parity_dir / "tiny_panoptic.pkl"))
     assert len(sd) == 370
     assert "_metadata" not in sd
     assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in sd.values())
@@ -95,10 +86,10 @@ def test_read_real_model_zoo_pkl():
     assert meta["matching_heuristics"] is False
 
 
-def test_swin_imagenet_names_map_only_to_backbone():
+def test_swin_imagenet_names_map_only_to_backbone(parity_dir):
     # The real model has many `*.norm.weight` keys in its head; the Swin classifier's `norm.weight`
     # must not be matched to any of them.
-    sd, _ = read_checkpoint(_need(PARITY / "tiny_swin_semantic.pkl"))
+    sd, _ = read_checkpoint(require_shared(parity_dir / "tiny_swin_semantic.pkl"))
     model_keys = list(sd)
     bb = [k[len("backbone."):] for k in model_keys if k.startswith("backbone.")]
     extra = ["norm.weight", "norm.bias", "head.weight", "head.bias"]
@@ -135,7 +126,7 @@ def test_model_zoo_pkl_round_trip_casts_dtypes(tmp_path, protocol):
     for k, v in dst.state_dict().items():
         ref = src.state_dict()[k]
         assert v.dtype == ref.dtype  # float64 -> float32, int64 num_batches_tracked stays int64
-        assert torch.allclose(v.double(), ref.double())
+        assert torch.equal(v, ref)  # float32 -> float64 -> float32 is exact
 
 
 def test_bare_state_dict_pkl(tmp_path):
@@ -331,12 +322,18 @@ def test_non_dict_content(tmp_path, content):
 
 
 # --------------------------------------------------------------------------- saving
+class _Unpicklable:
+    def __reduce__(self):
+        raise pickle.PicklingError("_Unpicklable refuses to be pickled")
+
+
 def test_save_checkpoint_atomic(tmp_path):
     path = tmp_path / "ckpt" / "model_final.pth"
     save_checkpoint({"model": {"w": torch.ones(2)}, "iteration": 1}, path)
     good = path.read_bytes()
-    with pytest.raises(Exception):
-        save_checkpoint({"model": {"w": torch.zeros(2)}, "fn": lambda x: x}, path)  # unpicklable
+    # the pickling error reaches the caller as it is, and the old file stays
+    with pytest.raises(pickle.PicklingError, match="refuses to be pickled"):
+        save_checkpoint({"model": {"w": torch.zeros(2)}, "obj": _Unpicklable()}, path)
     assert path.read_bytes() == good
     assert sorted(p.name for p in path.parent.iterdir()) == ["model_final.pth"]
     save_checkpoint({"model": {"w": torch.full((2,), 3.0)}, "iteration": 2}, path)

@@ -15,14 +15,9 @@ from mask2former.config import (
     get_cfg,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import PARITY_MANIFESTS, REPO, require_shared
+
 CONFIGS = REPO / "configs"
-PARITY = REPO.parent / "shared" / "parity"
-needs_parity = pytest.mark.skipif(not PARITY.is_dir(), reason=f"parity data not found at {PARITY}")
-
-
-def _parity_files(pattern):
-    return sorted(PARITY.glob(pattern)) if PARITY.is_dir() else []
 
 
 def _norm(v):
@@ -263,10 +258,9 @@ EXPECTED_KIND = {  # manifest config -> what the official model is
 }
 
 
-@needs_parity
-@pytest.mark.parametrize("manifest", _parity_files("manifest_*.json"), ids=lambda p: p.stem)
-def test_manifest_config_matches_model_kind(manifest):
-    data = json.loads(manifest.read_text())
+@pytest.mark.parametrize("name", PARITY_MANIFESTS)
+def test_manifest_config_matches_model_kind(parity_dir, name):
+    data = json.loads((parity_dir / f"manifest_{name}.json").read_text())
     cfg = _load(data["config"])
     keys = data["keys"]
     m = cfg.MODEL
@@ -292,22 +286,10 @@ def test_manifest_config_matches_model_kind(manifest):
         n_res4 = len({k.split(".")[2] for k in keys if k.startswith("backbone.res4.")})
         assert m.RESNETS.DEPTH == {6: 50, 23: 101}[n_res4]
 
-    if data["config"] in EXPECTED_KIND:
-        kind, size, num_classes = EXPECTED_KIND[data["config"]]
-        assert m.SEM_SEG_HEAD.NUM_CLASSES == num_classes
-        assert (m.SWIN.EMBED_DIM if kind == "swin" else m.RESNETS.DEPTH) == size
-
-
-@needs_parity
-@pytest.mark.parametrize("path", _parity_files("tiny_*.yaml"), ids=lambda p: p.stem)
-def test_parity_dump_loads(path):
-    """A full Detectron2 dump has no key we lack, and every value survives merging."""
-    import yaml
-
-    cfg = get_cfg()
-    cfg.merge_from_file(str(path))
-    dumped = _flat(yaml.safe_load(path.read_text()))
-    assert _flat(cfg) == dumped
+    # every manifest's config is listed: a new one cannot skip this check silently
+    kind, size, num_classes = EXPECTED_KIND[data["config"]]
+    assert m.SEM_SEG_HEAD.NUM_CLASSES == num_classes
+    assert (m.SWIN.EMBED_DIM if kind == "swin" else m.RESNETS.DEPTH) == size
 
 
 # What the tiny parity models changed relative to their official config (parity README).
@@ -335,13 +317,26 @@ TINY_BASES = {
 }
 
 
-@needs_parity
 @pytest.mark.parametrize("name", sorted(TINY_BASES))
-def test_parity_dump_agrees_with_our_config(name):
+def test_parity_dump_loads(parity_dir, name):
+    """A full Detectron2 dump has no key we lack, and every value survives merging."""
+    import yaml
+
+    path = require_shared(parity_dir / f"tiny_{name}.yaml")
+    cfg = get_cfg()
+    cfg.merge_from_file(str(path))
+    dumped = _flat(yaml.safe_load(path.read_text()))
+    assert _flat(cfg) == dumped
+
+
+def test_every_tiny_config_is_listed(parity_dir):
+    assert sorted(p.stem[len("tiny_"):] for p in parity_dir.glob("tiny_*.yaml")) == sorted(TINY_BASES)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_BASES))
+def test_parity_dump_agrees_with_our_config(parity_dir, name):
     """Every key the tiny model did not change (SOLVER, INPUT, TEST, ...) equals ours."""
-    path = PARITY / f"tiny_{name}.yaml"
-    if not path.is_file():
-        pytest.skip(f"{path} absent")
+    path = require_shared(parity_dir / f"tiny_{name}.yaml")
     official = get_cfg()
     official.merge_from_file(str(path))
     ours_path, extra_allowed = TINY_BASES[name]

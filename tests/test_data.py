@@ -455,8 +455,13 @@ def test_panoptic_mapper_masks_match_gt(coco, name):
             assert s["instances"].gt_classes.tolist() == [CONTIG[x["category_id"]] for x in segs]
             for seg, m in zip(segs, s["instances"].gt_masks):
                 assert np.array_equal(m.numpy(), pan_p == seg["id"])
-            # the image went through the same transform
-            assert s["image"].shape[1:] == (H, W)
+            # the image went through the masks' transform (its pixels, not only its size), then
+            # was padded with 128 to (H, W)
+            image = tfm.apply_image(read_image(d["file_name"], mapper.image_format))
+            assert image.shape[:2] == pan.shape
+            got = s["image"].permute(1, 2, 0).numpy()
+            assert np.array_equal(got[: pan.shape[0], : pan.shape[1]], image)
+            assert (got[pan.shape[0]:] == 128).all() and (got[:, pan.shape[1]:] == 128).all()
             # semantic map (from the semantic PNGs) agrees with the panoptic masks
             sem = s["sem_seg"].numpy()
             for c, m in zip(s["instances"].gt_classes.tolist(), s["instances"].gt_masks.numpy()):
@@ -846,9 +851,17 @@ def test_train_loader_foreign_mapper_is_deterministic(coco):
 
 
 def test_random_seed_is_recorded(coco):
-    loader = build_detection_train_loader(_cfg(SEED=-1), mapper=lambda d: d["file_name"],
-                                          dataset=_pan_dicts(coco))
-    assert loader.seed >= 0
+    """SEED -1 draws a seed; the loader records the one it uses: SEED <that> gives its samples."""
+    def first_batches(seed):
+        loader = build_detection_train_loader(_cfg(SEED=seed), mapper=lambda d: d["file_name"],
+                                              dataset=_pan_dicts(coco))
+        it = iter(loader)
+        return loader.seed, [next(it) for _ in range(8)]
+
+    seed, batches = first_batches(-1)
+    assert seed >= 0
+    assert first_batches(seed) == (seed, batches)
+    assert first_batches(seed + 1)[1] != batches
 
 
 def test_test_loader_shards_in_order(coco):

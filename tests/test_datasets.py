@@ -39,9 +39,9 @@ from mask2former.data.datasets.custom import (
     register_from_env,
     unregister,
 )
+from tests.conftest import require_shared
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 COCO_CATS = json.loads((REPO / "mask2former" / "data" / "metadata" / "coco_panoptic.json").read_text())
 CONTIG = {c["id"]: i for i, c in enumerate(COCO_CATS)}  # dataset id -> contiguous id (all 133)
 THINGS = {c["id"] for c in COCO_CATS if c["isthing"]}
@@ -690,13 +690,12 @@ def contextlib_quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
-def test_eval_only_end_to_end_on_coco_layout(registered, tmp_path, restore_logging):
+def test_eval_only_end_to_end_on_coco_layout(registered, tmp_path, restore_logging, parity_dir):
     """Acceptance: ``train_net.py --eval-only`` with the tiny parity checkpoint on a generated
     COCO-layout dataset (registered with the built-in COCO panoptic+semantic layout) writes every
     PQ / AP / mIoU metric, and they equal the metrics computed here from our own forward passes."""
-    parity = SHARED / "parity"
-    if not (parity / "tiny_panoptic.yaml").is_file() or not (parity / "tiny_panoptic.pkl").is_file():
-        pytest.skip(f"parity data not found under {parity}")
+    parity = parity_dir
+    require_shared(parity / "tiny_panoptic.yaml"), require_shared(parity / "tiny_panoptic.pkl")
     root = tmp_path / "datasets"
     prefix = registered(root, names=["coco_2017_val_panoptic_with_sem_seg"])
     name = prefix + "coco_2017_val_panoptic_with_sem_seg"

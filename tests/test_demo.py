@@ -18,23 +18,15 @@ from mask2former.data.image_io import read_image_8bit
 from mask2former.engine import Predictor, resize_shortest_edge
 from mask2former.structures import Instances
 from mask2former.utils.visualizer import Visualizer, default_color
+from tests.conftest import PARITY, REPO, require_shared
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-PARITY = SHARED / "parity"
 # Small test sizes keep the tiny models fast on CPU.
 SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared parity file {path} is absent in this checkout")
-    return path
-
-
 def _tiny_cfg(name="panoptic", opts=()):
-    yaml = _need(PARITY / f"tiny_{name}.yaml")
-    pkl = _need(PARITY / f"tiny_{name}.pkl")
+    yaml = require_shared(PARITY / f"tiny_{name}.yaml")
+    pkl = require_shared(PARITY / f"tiny_{name}.pkl")
     cfg = m2f.get_cfg()
     cfg.merge_from_file(str(yaml))
     cfg.merge_from_list(["MODEL.WEIGHTS", str(pkl), "MODEL.DEVICE", "cpu", *opts])
@@ -99,7 +91,7 @@ def test_predictor_outputs_at_original_size():
 
 
 def test_predictor_matches_official_outputs_without_resizing():
-    io = np.load(_need(PARITY / "tiny_semantic_io.npz"))
+    io = np.load(require_shared(PARITY / "tiny_semantic_io.npz"))
     image = io["random_native__image"]  # RGB, 75 x 109; MIN_SIZE_TEST 75 means no resizing
     predictor = Predictor(_tiny_cfg("semantic", ["INPUT.MIN_SIZE_TEST", "75", "INPUT.MAX_SIZE_TEST", "1333"]))
     expected = io["random_native__sem_argmax"]
@@ -175,7 +167,7 @@ TINY = ["INPUT.MIN_SIZE_TEST", "32", "INPUT.MAX_SIZE_TEST", "64"]
 
 
 def _demo_args(name, *args, opts=()):
-    yaml, pkl = _need(PARITY / f"tiny_{name}.yaml"), _need(PARITY / f"tiny_{name}.pkl")
+    yaml, pkl = require_shared(PARITY / f"tiny_{name}.yaml"), require_shared(PARITY / f"tiny_{name}.pkl")
     return ["--config-file", str(yaml), *args, "--opts", "MODEL.WEIGHTS", str(pkl), "MODEL.DEVICE", "cpu",
             *TINY, *opts]
 
@@ -258,7 +250,7 @@ def test_demo_cli_fails_when_nothing_succeeds(demo, tmp_path, caplog):
 
 
 def test_demo_cli_missing_weights(demo, tmp_path, caplog):
-    yaml = _need(PARITY / "tiny_panoptic.yaml")
+    yaml = require_shared(PARITY / "tiny_panoptic.yaml")
     img = tmp_path / "a.png"
     cv2.imwrite(str(img), _image(20, 20))
     args = ["--config-file", str(yaml), "--input", str(img), "--output", str(tmp_path / "out"),
@@ -267,7 +259,7 @@ def test_demo_cli_missing_weights(demo, tmp_path, caplog):
     assert any("MODEL.WEIGHTS" in r.getMessage() for r in caplog.records)
 
 
-def test_demo_output_paths_and_argument_errors(demo, tmp_path, capsys):
+def test_demo_output_paths_and_argument_errors(demo, tmp_path, capsys, monkeypatch):
     assert demo_lib.output_paths(str(tmp_path / "vis.png"), ["x/a.jpg"]) == [str(tmp_path / "vis.png")]
     assert demo_lib.output_paths("out", ["x/a.jpg", "y/a.png", "b.jpeg"]) == [
         str(Path("out") / "a.png"), str(Path("out") / "a_1.png"), str(Path("out") / "b.png")]
@@ -291,10 +283,15 @@ def test_demo_output_paths_and_argument_errors(demo, tmp_path, capsys):
             demo.main(argv)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err, argv
-    if not demo_lib.display_available():  # headless: showing in a window is refused up front
-        with pytest.raises(SystemExit):
-            demo.main(["--input", a])
-        assert "no --output given and no display" in capsys.readouterr().err
+    # headless (simulated, so that the check runs on machines with a display too): showing in a
+    # window is refused up front, with the reason
+    monkeypatch.setattr(demo, "display_available", lambda: False)
+    monkeypatch.setattr(demo, "no_display_reason", lambda: "simulated: DISPLAY is not set")
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--input", a])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no --output given and no display to show the results in (simulated: DISPLAY is not set)" in err
 
 
 # ----------------------------------------------------------------------------- demo: --save-json
@@ -383,15 +380,32 @@ def test_demo_unregistrable_datasets_yaml(demo, tmp_path, caplog):
 
 # ----------------------------------------------------------------------------- demo: video
 def _write_video(path: Path, frames: int, size=(48, 32), fps=10.0) -> Path:
+    """Frames that differ from one to the next (background colour, a moving circle and bar), so
+    that the model's predictions, and what is drawn, differ too."""
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
     assert writer.isOpened()
     w, h = size
     for i in range(frames):
-        frame = np.full((h, w, 3), 90, np.uint8)
-        cv2.circle(frame, (4 + i % (w - 8), h // 2), h // 4, (30, 200, 240), -1)
+        frame = np.empty((h, w, 3), np.uint8)
+        frame[:] = ((37 * i) % 200 + 30, (91 * i) % 200 + 30, (53 * i) % 200 + 30)
+        cv2.circle(frame, ((7 * i) % w, h // 2), h // 3, (30, 200, 240), -1)
+        cv2.rectangle(frame, (w // 2, (5 * i) % (h // 2)), (w - 3, h - 3), (200, 40, (60 + 10 * i) % 256), -1)
         writer.write(frame)
     writer.release()
     return path
+
+
+def _decode(path: Path) -> list:
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened(), path
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return frames
 
 
 def _count_frames(path: Path):
@@ -416,6 +430,26 @@ def test_demo_video_writes_every_frame(demo, tmp_path, caplog):
     decoded, (count, width, height) = _count_frames(tmp_path / "vis" / "clip.mp4")
     assert decoded == count == 30 and (width, height) == (48, 32)
     assert any("30 frames" in r.getMessage() and "frames/s" in r.getMessage() for r in caplog.records)
+
+    # What is drawn on each frame is the image path's drawing of that frame: the frames the
+    # video path decoded, saved losslessly, go through --input; its outputs, encoded by the same
+    # writer at the same rate, decode to the video path's frames (the codec is deterministic,
+    # so its loss is the same on both sides).
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    for i, frame in enumerate(_decode(video)):
+        cv2.imwrite(str(frames_dir / f"{i:03d}.png"), frame)
+    assert demo.main(_demo_args("semantic", "--input", str(frames_dir), "--output", str(tmp_path / "img"),
+                                "--batch-size", "8")) == 0
+    drawn = [cv2.imread(str(tmp_path / "img" / f"{i:03d}.png")) for i in range(30)]
+    writer = demo_lib.open_video_writer(str(tmp_path / "expected.mp4"), 10.0, (48, 32))
+    for image in drawn:
+        writer.write(image)
+    writer.release()
+    got, expected = _decode(tmp_path / "vis" / "clip.mp4"), _decode(tmp_path / "expected.mp4")
+    assert len(got) == len(expected) == 30
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert np.array_equal(a, b), f"frame {i}: {np.abs(a.astype(int) - b).mean():.2f} mean difference"
 
 
 def test_demo_webcam_mode(demo, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_util
 
 import mask2former.demo as demo_lib
 import mask2former.engine
@@ -18,9 +19,6 @@ import mask2former.engine.predictor
 from mask2former.data.ids import rgb2id
 from mask2former.structures import Instances
 from mask2former.utils.visualizer import Visualizer
-
-pytest.importorskip("pycocotools")
-from pycocotools import mask as mask_util  # noqa: E402
 
 # dataset ids: things 10 (a), 20 (b); stuff 30 (c). Contiguous: a 0, b 1, c 2.
 META = {"name": "demo_lib_test", "stuff_classes": ["a", "b", "c"], "thing_classes": ["a", "b"],

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import mask2former as m2f
+from tests.conftest import require_shared
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_MODELS = ["panoptic", "instance", "semantic", "swin_semantic", "maskformer_semantic"]
@@ -162,10 +163,7 @@ def test_registration_failure_is_one_warning(d2, monkeypatch):
 def test_detectron2_built_full_model_has_official_keys(d2, parity_dir, manifest):
     from detectron2.modeling import build_model
 
-    path = parity_dir / f"manifest_{manifest}.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    m = json.loads(path.read_text())
+    m = json.loads(require_shared(parity_dir / f"manifest_{manifest}.json").read_text())
     model = build_model(_d2_cfg(REPO / m["config"]))
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert set(shapes) == set(m["keys"])
@@ -253,7 +251,11 @@ def test_detectron2_build_model_matches_ours_and_official(d2, parity_dir, name):
             assert ins.pred_classes.tolist() == g("ins_classes").tolist()
             np.testing.assert_allclose(ins.scores.numpy(), g("ins_scores"), atol=PROB_TOL, rtol=0)
             masks = ins.pred_masks.numpy().astype(np.uint8)
-            assert masks.shape == g("ins_masks").shape and (masks == g("ins_masks")).mean() >= PIXEL_AGREEMENT
+            assert masks.shape == g("ins_masks").shape
+            # each instance on its own: the masks are mostly foreground, so agreement pooled over
+            # all N instances would hide one wrong mask
+            for k, (mask, ref) in enumerate(zip(masks, g("ins_masks"))):
+                assert (mask == ref).mean() >= PIXEL_AGREEMENT, (case, k)
             checked.add("instance")
     assert checked
 

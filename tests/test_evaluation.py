@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from mask2former.data.catalog import DatasetCatalog, MetadataCatalog
 from mask2former.evaluation import (
@@ -26,11 +29,6 @@ from mask2former.evaluation import (
 )
 from mask2former.evaluation.panoptic_evaluation import PQStat, id2rgb, pq_results, rgb2id
 from mask2former.structures import Boxes, Instances
-
-pycocotools = pytest.importorskip("pycocotools")
-from pycocotools import mask as mask_util  # noqa: E402
-from pycocotools.coco import COCO  # noqa: E402
-from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 
 @pytest.fixture
@@ -483,7 +481,20 @@ def test_sem_seg_metrics_by_hand(dataset_name, tmp_path):
     for name, v in zip("abc", acc):
         assert _approx(res[f"ACC-{name}"], 100 * v)
     assert math.isnan(res["IoU-d"]) and math.isnan(res["ACC-d"])  # class absent from the GT
-    assert (tmp_path / "o" / "sem_seg_predictions.json").exists()
+    # the written predictions: per image and predicted class, the RLE of its pixels (no
+    # category table in this metadata: the category id is the class index); and the metrics
+    written = json.loads((tmp_path / "o" / "sem_seg_predictions.json").read_text())
+    for file_name, pred in (("a.jpg", pr1), ("b.jpg", pr2)):
+        entries = [e for e in written if e["file_name"] == file_name]
+        assert sorted(e["category_id"] for e in entries) == sorted(np.unique(pred).tolist())
+        rebuilt = np.full(pred.shape, -1)
+        for e in entries:
+            mask = mask_util.decode(e["segmentation"]).astype(bool)
+            assert not (rebuilt[mask] >= 0).any()  # the class masks do not overlap
+            rebuilt[mask] = e["category_id"]
+        np.testing.assert_array_equal(rebuilt, pred)
+    metrics = json.loads((tmp_path / "o" / "sem_seg_evaluation.json").read_text())  # NaN written as "nan"
+    assert {k: float(v) for k, v in metrics.items()} == pytest.approx(res, nan_ok=True)
 
 
 def test_sem_seg_errors(dataset_name, tmp_path):

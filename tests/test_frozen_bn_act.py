@@ -11,27 +11,17 @@ from mask2former.accel import fast_inference_enabled, set_fast_inference, verifi
 from mask2former.accel.cpu import resnet as accel_resnet
 from mask2former.layers import Conv2d, FrozenBatchNorm2d
 from mask2former.modeling.backbone.resnet import BasicStem, DeepLabStem, ResNet, make_resnet_stages
-from mask2former.ops import backend_info, frozen_bn, frozen_bn_act, frozen_bn_act_compiled
-from mask2former.ops.backend import env, state
+from mask2former.ops import frozen_bn, frozen_bn_act, frozen_bn_act_compiled
+from mask2former.ops.backend import state
+from tests.conftest import require_compiled_cpu_ops
 
-ISAS = ("generic", "avx2", "avx512")  # capped to what the CPU supports
 SHAPES = [(2, 19, 5, 37), (1, 24, 1, 1), (2, 7, 16, 16), (1, 33, 9, 17), (2, 3, 1, 31), (1, 16, 4, 4)]
 
 
 @pytest.fixture(scope="module")
 def op():
-    if env.mode() == "reference":
-        pytest.skip("M2F_OPS=reference")
-    info = backend_info()
-    if not info.cpu:
-        pytest.skip(f"compiled CPU kernels unavailable: {info.reason}")
+    require_compiled_cpu_ops()
     return torch.ops.mask2former.frozen_bn_act
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch, op):
-    monkeypatch.setenv("M2F_OPS_CPU_ISA", request.param)
-    return request.param
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

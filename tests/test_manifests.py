@@ -9,9 +9,7 @@ import pytest
 import torch
 
 import mask2former as m2f
-from tests.conftest import PARITY, REPO
-
-MANIFESTS = sorted(PARITY.glob("manifest_*.json")) if PARITY.is_dir() else []
+from tests.conftest import PARITY_MANIFESTS, REPO
 
 
 def build_from_official_path(config_path, device="meta"):
@@ -24,10 +22,13 @@ def build_from_official_path(config_path, device="meta"):
     return m2f.build_model(cfg)
 
 
-@pytest.mark.skipif(not MANIFESTS, reason="no manifest_*.json in ../shared/parity")
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.stem)
-def test_state_dict_matches_manifest(manifest):
-    spec = json.loads(manifest.read_text())
+def test_every_manifest_is_listed(parity_dir):
+    assert sorted(p.stem[len("manifest_"):] for p in parity_dir.glob("manifest_*.json")) == sorted(PARITY_MANIFESTS)
+
+
+@pytest.mark.parametrize("name", PARITY_MANIFESTS)
+def test_state_dict_matches_manifest(parity_dir, name):
+    spec = json.loads((parity_dir / f"manifest_{name}.json").read_text())
     model = build_from_official_path(spec["config"])
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     theirs = spec["keys"]
@@ -37,9 +38,8 @@ def test_state_dict_matches_manifest(manifest):
     assert wrong == {}
 
 
-@pytest.mark.skipif(not MANIFESTS, reason="no manifest_*.json in ../shared/parity")
-def test_checkpoint_with_manifest_keys_loads_cleanly(tmp_path):
-    spec = json.loads((PARITY / "manifest_coco_panoptic_R50.json").read_text())
+def test_checkpoint_with_manifest_keys_loads_cleanly(parity_dir, tmp_path):
+    spec = json.loads((parity_dir / "manifest_coco_panoptic_R50.json").read_text())
     rng = np.random.default_rng(0)
     weights = OrderedDict(
         (k, rng.standard_normal(shape).astype(np.float32) if shape else np.array(0, dtype=np.int64))

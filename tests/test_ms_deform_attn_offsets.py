@@ -13,14 +13,13 @@ import torch
 
 from mask2former.layers import MSDeformAttn
 from mask2former.ops import (
-    backend_info,
     check_ms_deform_attn_offsets_shapes,
     ms_deform_attn_from_offsets,
     ms_deform_attn_reference,
 )
 from mask2former.ops.backend import state
+from tests.conftest import require_compiled_cpu_ops
 
-ISAS = ("generic", "avx2", "avx512")  # capped to what the CPU supports
 OP_NAME = "mask2former::ms_deform_attn_offsets"
 
 # (H, W) per level, paired with a number of points: L = 1..4, P = 1..4, non-square levels
@@ -36,16 +35,8 @@ LEVELS_AND_POINTS = [
 @pytest.fixture(scope="module")
 def op():
     """The compiled op; builds the kernels (once, cached on disk) or skips."""
-    info = backend_info()
-    if not info.cpu:
-        pytest.skip(f"compiled CPU kernel unavailable: {info.reason}")
+    require_compiled_cpu_ops()
     return torch.ops.mask2former.ms_deform_attn_offsets
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch, op):
-    monkeypatch.setenv("M2F_OPS_CPU_ISA", request.param)
-    return request.param
 
 
 def make_inputs(levels, n=2, lq=11, m=3, d=8, p=2, dtype=torch.float32, ref_layout="expanded", seed=0):

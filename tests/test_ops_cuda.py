@@ -20,6 +20,7 @@ import torch
 from mask2former.ops import BackendInfo, backend_info, check_ms_deform_attn_shapes, ms_deform_attn
 from mask2former.ops import ms_deform_attn_reference
 from mask2former.ops.backend import cuda_check, env, state, toolchain
+from tests.conftest import require_compiled_cpu_ops, skip_or_fail_in_ci
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -96,9 +97,7 @@ def test_info_reports_cuda_backend_state(capsys):
 def test_cuda_fallback_warns_once_unless_opted_out(monkeypatch):
     """Without a CUDA kernel, CUDA tensors run the reference with one warning saying why;
     M2F_OPS_CUDA=0 (an explicit choice) silences it."""
-    info = backend_info()
-    if not info.compiled:
-        pytest.skip(f"compiled kernels unavailable: {info.reason}")
+    require_compiled_cpu_ops()
     for env in ("1", "0"):
         monkeypatch.setenv("M2F_OPS_CUDA", env)
         monkeypatch.setattr(state, "_warned_cuda", False)
@@ -154,7 +153,7 @@ def test_cuda_tensors_fall_back_to_reference_with_one_warning():
     """A GPU but no CUDA kernel (simulated): CUDA tensors run the reference, warning once why;
     the CPU kernel is still built."""
     if toolchain.missing_toolchain():
-        pytest.skip(f"compiled ops need a toolchain: {toolchain.missing_toolchain()}")
+        skip_or_fail_in_ci(f"compiled ops need a toolchain: {toolchain.missing_toolchain()}")
     res = _run(["-c", _GPU_FALLBACK_SCRIPT])
     assert res.returncode == 0, res.stderr
     count, msg, cpu = res.stdout.splitlines()[:3]

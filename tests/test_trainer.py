@@ -798,12 +798,27 @@ def test_cli_parser_engine_and_launch_errors(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "torchrun --nproc_per_node 2" in err and "SOLVER.MAX_ITER 5" in err
 
+    # --engine detectron2: which message is right depends on whether Detectron2 imports, so each
+    # case is set up here (None in sys.modules makes the import fail) and asserts its own message
+    import sys
+    import types
+
     args = parser.parse_args(["--engine", "detectron2"])
+    monkeypatch.setitem(sys.modules, "detectron2", None)
     with pytest.raises(SystemExit) as e:
         setup(args)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "detectron2" in err and ("pip install" in err or "not implemented" in err)
+    assert err.startswith("--engine detectron2 needs Detectron2, which is not installed. Install it with\n"
+                          "    pip install 'git+https://github.com/facebookresearch/detectron2.git'\n")
+    assert "not implemented" not in err
+    monkeypatch.setitem(sys.modules, "detectron2", types.ModuleType("detectron2"))
+    with pytest.raises(SystemExit) as e:
+        setup(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("--engine detectron2 is not implemented by mask2former.engine.setup")
+    assert "train_net.py --engine detectron2 runs mask2former.detectron2.trainer" in err and "pip install" not in err
 
 
 def test_cli_setup_and_eval_only(tmp_path, monkeypatch, capsys):
