@@ -13,7 +13,7 @@ Built-in datasets are read from $DETECTRON2_DATASETS (default ./datasets; see da
 custom ones are registered from the YAML files given by --datasets or $M2F_DATASETS_YAML.
 
 Outputs in OUTPUT_DIR: config.yaml, log.txt, metrics.json, TensorBoard events, model_*.pth,
-last_checkpoint, inference/, eval_results.json.
+last_checkpoint, inference/ (and inference_TTA/ for --eval-only with TEST.AUG.ENABLED), eval_results.json.
 """
 import logging
 import os
@@ -31,7 +31,8 @@ logger = logging.getLogger("mask2former.train_net")
 
 def evaluate(cfg, args, trainer_cls=Trainer):
     """--eval-only: load the weights (OUTPUT_DIR/last_checkpoint with --resume, else MODEL.WEIGHTS)
-    and evaluate on DATASETS.TEST."""
+    and evaluate on DATASETS.TEST; with TEST.AUG.ENABLED also the test-time-augmented model (its
+    results beside the plain ones, keys suffixed ``_TTA``), as the official train_net.py does."""
     weights = cfg.MODEL.WEIGHTS
     if args.resume:
         tag = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
@@ -48,6 +49,8 @@ def evaluate(cfg, args, trainer_cls=Trainer):
     load_checkpoint(model, weights)
     model.eval()
     results = trainer_cls.test(cfg, model)
+    if cfg.TEST.AUG.ENABLED:
+        results.update(trainer_cls.test_with_tta(cfg, model))
     if is_main_process():
         print(format_results_table(results))
         write_eval_results(cfg.OUTPUT_DIR, results)

@@ -52,6 +52,28 @@ def same_partition(a, b):
     return len(pairs) == len({p[0] for p in pairs}) == len({p[1] for p in pairs})
 
 
+def check_instances(ins, classes, scores, masks):
+    """Our Instances against the official ones, in the official order: count, classes, scores,
+    and the masks pooled and instance by instance."""
+    assert len(ins) == len(scores)
+    assert ins.pred_classes.tolist() == classes.tolist()
+    np.testing.assert_allclose(ins.scores.numpy(), scores, atol=PROB_TOL, rtol=0)
+    ours = ins.pred_masks.numpy().astype(np.uint8)
+    assert ours.shape == masks.shape
+    assert (ours == masks).mean() >= PIXEL_AGREEMENT
+    # README's mask tolerance (>= 99.9 % of the pixels) applied to each instance's mask on its
+    # own. Pooled over the N = 100 instances it would let one mask disagree on 10 % of the image,
+    # while these masks are 97.7-100 % foreground: a whole instance could be wrong unnoticed.
+    # Per instance it catches a wrong mask where the background is larger than 0.1 % of the
+    # image (the immunohistochemistry and random inputs); the rocket masks (0-0.9 % background)
+    # are constrained less.
+    agreement = (ours == masks).reshape(len(masks), -1).mean(1)
+    for worst in agreement.argsort()[:1]:
+        assert agreement[worst] >= PIXEL_AGREEMENT, (
+            f"instance {worst} (class {int(classes[worst])}): its mask agrees with the official one on "
+            f"{agreement[worst]:.4%} of the pixels; expected >= {PIXEL_AGREEMENT:.1%}")
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_matches_official_outputs(parity_dir, name):
     model = build_parity_model(parity_dir, name)
@@ -82,13 +104,7 @@ def test_matches_official_outputs(parity_dir, name):
             assert same_partition(seg.numpy(), ref_seg)
             checked.add("panoptic")
         if "ins_scores" in keys:
-            ins = out["instances"]
-            assert len(ins) == len(g("ins_scores"))
-            assert ins.pred_classes.tolist() == g("ins_classes").tolist()
-            np.testing.assert_allclose(ins.scores.numpy(), g("ins_scores"), atol=PROB_TOL, rtol=0)
-            masks = ins.pred_masks.numpy().astype(np.uint8)
-            assert masks.shape == g("ins_masks").shape
-            assert (masks == g("ins_masks")).mean() >= PIXEL_AGREEMENT
+            check_instances(out["instances"], g("ins_classes"), g("ins_scores"), g("ins_masks"))
             checked.add("instance")
     assert checked, f"no outputs checked for {name}"
 
@@ -96,3 +112,24 @@ def test_matches_official_outputs(parity_dir, name):
 def test_every_parity_model_is_tested(parity_dir):
     present = sorted(p.name[len("tiny_"):-len("_io.npz")] for p in parity_dir.glob("tiny_*_io.npz"))
     assert present == sorted(MODELS)
+
+
+@pytest.mark.parametrize("corrupt", ["mirrored", "filled"])
+def test_one_wrong_instance_mask_fails(parity_dir, corrupt):
+    from mask2former.structures import Instances
+
+    io = np.load(parity_dir / "tiny_instance_io.npz")
+    case = "immunohistochemistry_native"
+    classes, scores, masks = (io[f"{case}__{k}"] for k in ("ins_classes", "ins_scores", "ins_masks"))
+
+    def as_output(m):
+        return Instances(m.shape[1:], pred_classes=torch.as_tensor(classes), scores=torch.as_tensor(scores),
+                         pred_masks=torch.as_tensor(m.astype(bool)))
+
+    check_instances(as_output(masks), classes, scores, masks)
+    wrong = masks.copy()
+    wrong[7] = masks[7][:, ::-1] if corrupt == "mirrored" else 1
+    assert (wrong != masks).any()
+    assert (wrong == masks).mean() >= PIXEL_AGREEMENT  # the pooled comparison alone lets it through
+    with pytest.raises(AssertionError, match="instance 7 "):
+        check_instances(as_output(wrong), classes, scores, masks)

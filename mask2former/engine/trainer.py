@@ -232,8 +232,10 @@ class Trainer(TrainLoop):
 
     # ------------------------------------------------------------------ evaluation
     @classmethod
-    def test(cls, cfg, model: nn.Module, evaluators: Optional[List[Any]] = None) -> Dict[str, Any]:
-        """Evaluate ``model`` on every DATASETS.TEST set.
+    def test(cls, cfg, model: nn.Module, evaluators: Optional[List[Any]] = None,
+             output_folder: str = "inference") -> Dict[str, Any]:
+        """Evaluate ``model`` on every DATASETS.TEST set; the evaluators write their files to
+        ``OUTPUT_DIR/<output_folder>`` (``/<dataset>`` below it when there are several).
 
         Returns ``{task: {metric: value}}`` for one test set and ``{dataset: {task: {metric:
         value}}}`` for several (empty on non-main ranks when the evaluators only report there).
@@ -246,7 +248,7 @@ class Trainer(TrainLoop):
             raise ValueError(f"{len(evaluators)} evaluators for {len(names)} test sets {names}")
         per_dataset: Dict[str, Any] = collections.OrderedDict()
         for idx, name in enumerate(names):
-            out_dir = os.path.join(cfg.OUTPUT_DIR, "inference")
+            out_dir = os.path.join(cfg.OUTPUT_DIR, output_folder)
             if len(names) > 1:
                 out_dir = os.path.join(out_dir, name)
             loader = cls.build_test_loader(cfg, name)
@@ -256,6 +258,18 @@ class Trainer(TrainLoop):
             if is_main_process() and res:
                 logger.info("Evaluation results for %s:\n%s", name, format_results_table(res))
         return per_dataset[names[0]] if len(names) == 1 else dict(per_dataset)
+
+    @classmethod
+    def test_with_tta(cls, cfg, model: nn.Module) -> Dict[str, Any]:
+        """Evaluate the test-time-augmented ``model`` (TEST.AUG, see
+        :mod:`mask2former.modeling.test_time_augmentation`) as the official ``test_with_TTA`` does:
+        files in ``OUTPUT_DIR/inference_TTA``, every top-level key of :meth:`test`'s results
+        (task, or dataset when there are several) suffixed ``_TTA``."""
+        from ..modeling.test_time_augmentation import MaskFormerWithTTA
+
+        logger.info("Running inference with test-time augmentation ...")
+        results = cls.test(cfg, MaskFormerWithTTA.from_config(cfg, model), output_folder="inference_TTA")
+        return {f"{k}_TTA": v for k, v in results.items()}
 
     def _evaluate(self) -> Dict[str, Any]:
         return self.test(self.cfg, self.model_without_ddp)
