@@ -911,6 +911,24 @@ def test_atomic_write_failure_keeps_previous_file_and_no_temp_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".other.txt.x.tmp", "out.txt", "out.txt.tmp", "sub"]
 
 
+def test_cuda_device_without_cuda_falls_back_to_cpu(tmp_path, monkeypatch, caplog):
+    """MODEL.DEVICE cuda with CUDA absent (simulated): build_model and the Trainer warn and put the
+    model on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = mask2former.get_cfg()
+    cfg.merge_from_file(str(REPO / "configs/synthetic/panoptic.yaml"))
+    cfg.MODEL.DEVICE = "cuda"
+    cfg.OUTPUT_DIR = str(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="mask2former"):
+        model = mask2former.build_model(cfg, load_weights=False)
+        trainer = Trainer(cfg, tensorboard=False, progress_bar=False)
+    warning = "MODEL.DEVICE is 'cuda' but CUDA is not available; using the CPU"
+    assert [r.getMessage() for r in caplog.records].count(warning) == 2
+    for m in (model, trainer.model_without_ddp):
+        assert {t.device.type for t in itertools.chain(m.parameters(), m.buffers())} == {"cpu"}
+    assert trainer.device.type == "cpu" and trainer.scaler is None
+
+
 # ----------------------------------------------------------------------------- command line
 def _train_net():
     spec = importlib.util.spec_from_file_location("train_net", REPO / "train_net.py")
