@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import time
 from bisect import bisect_right
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def toy_cfg(out_dir, **solver):
 
 def make_trainer(cfg, loader=None, cls=Trainer, **kw):
     return cls(cfg, build_model=lambda c: ToyNet(), build_train_loader=loader or toy_loader(),
-               log_period=5, tensorboard=kw.pop("tensorboard", False), progress_bar=False, **kw)
+               log_period=kw.pop("log_period", 5), tensorboard=kw.pop("tensorboard", False), progress_bar=False,
+               **kw)
 
 
 def max_abs_diff(a, b):
@@ -523,6 +525,142 @@ def test_amp_bf16_on_cpu(tmp_path):
     assert rows and all(math.isfinite(r["total_loss"]) for r in rows)
 
 
+def _crash_and_resume(out_dir, crash_at, amp=False, scaler=None, **kw):
+    """Train toy_cfg(out_dir) until the loader crashes before ``crash_at``, then resume in a fresh
+    trainer to the end; ``scaler()`` (if given) makes the GradScaler put into both trainers."""
+    cfg = toy_cfg(out_dir)
+    cfg.SOLVER.AMP.ENABLED = amp
+    t1 = make_trainer(cfg, loader=toy_loader(crash_at=crash_at), **kw)
+    if scaler is not None:
+        t1.scaler = scaler()
+    with pytest.raises(Crash):
+        t1.train()
+    t2 = make_trainer(cfg, **kw)
+    if scaler is not None:
+        t2.scaler = scaler()
+    t2.resume_or_load(resume=True)
+    return t1, t2
+
+
+def test_amp_bf16_resume_is_bitwise_exact(tmp_path):
+    """SOLVER.AMP on CPU (bf16 autocast): interrupted after a checkpoint and resumed, the run ends
+    with bitwise the weights and optimizer state of the uninterrupted AMP run, which differ from
+    the fp32 run's (so the resumed half did run under autocast)."""
+    cfg = toy_cfg(tmp_path / "straight")
+    cfg.SOLVER.AMP.ENABLED = True
+    make_trainer(cfg).train()
+    make_trainer(toy_cfg(tmp_path / "fp32")).train()
+    _, t2 = _crash_and_resume(tmp_path / "resumed", crash_at=12, amp=True)
+    assert t2.start_iter == 10 and t2.amp_dtype == torch.bfloat16
+    t2.train()
+    assert set(t2.model_without_ddp.seen_dtypes) == {torch.bfloat16}
+    a, meta_a = read_checkpoint(tmp_path / "straight" / "model_final.pth")
+    b, meta_b = read_checkpoint(tmp_path / "resumed" / "model_final.pth")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    for x, y in zip(meta_a["optimizer"]["state"].values(), meta_b["optimizer"]["state"].values()):
+        assert torch.equal(x["exp_avg"], y["exp_avg"]) and torch.equal(x["exp_avg_sq"], y["exp_avg_sq"])
+    fp32, _ = read_checkpoint(tmp_path / "fp32" / "model_final.pth")
+    assert max_abs_diff(a, fp32) > 0
+
+
+def test_grad_scaler_state_round_trips_through_checkpoint_and_resume(tmp_path, caplog):
+    """The GradScaler (CUDA AMP) state is saved in every checkpoint under "scaler" and restored by
+    resume_or_load, without a GPU: a CPU GradScaler (same state_dict as the CUDA one) is put into
+    CPU trainers. Growth every 3 finite steps from 2**10: after the 5 steps of model_0000004.pth
+    the scale is 2**11 with 2 steps towards the next growth; after all 20 steps 2**16, 2 steps."""
+    if not hasattr(torch, "amp") or not hasattr(torch.amp, "GradScaler"):
+        pytest.skip(f"torch {torch.__version__} has no torch.amp.GradScaler (torch >= 2.3)")
+    try:
+        torch.amp.GradScaler("cpu")
+    except (TypeError, ValueError, RuntimeError) as e:
+        pytest.skip(f"torch {torch.__version__} has no CPU GradScaler: {e}")
+
+    def saved(scale, tracker, interval=3):
+        return {"scale": scale, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": interval,
+                "_growth_tracker": tracker}
+
+    made = []
+
+    def scaler():  # the first one is the interrupted run's; the resumed run's starts elsewhere
+        s = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10 if not made else 7.0,
+                                 growth_interval=3 if not made else 1000)
+        made.append(s)
+        return s
+
+    out = tmp_path / "run"
+    t1, t2 = _crash_and_resume(out, crash_at=7, amp=True, scaler=scaler)
+    _, meta = read_checkpoint(out / "model_0000004.pth")
+    assert meta["scaler"] == saved(2.0 ** 11, 2)
+    assert t1.scaler.state_dict() == saved(2.0 ** 12, 1)  # iterations 5 and 6 ran before the crash
+    assert t2.scaler is made[1] and t2.scaler.state_dict() == saved(2.0 ** 11, 2)
+    t2.train()
+    _, final = read_checkpoint(out / "model_final.pth")
+    assert final["scaler"] == t2.scaler.state_dict() == saved(2.0 ** 16, 2)
+
+    # a checkpoint without a scaler state (written without one): the scale starts afresh, with a warning
+    plain = tmp_path / "plain"
+    make_trainer(toy_cfg(plain, MAX_ITER=5)).train()
+    t3 = make_trainer(toy_cfg(plain, MAX_ITER=6))
+    t3.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    with caplog.at_level(logging.WARNING, logger="mask2former"):
+        t3.resume_or_load(resume=True)
+    assert t3.scaler.state_dict()["scale"] == 8.0
+    assert any("no GradScaler state" in r.getMessage() for r in caplog.records)
+
+
+def _interrupted_then_resumed(tmp_path, tensorboard):
+    """A straight 20-iteration run and one that crashes before iteration 13 (last checkpoint:
+    iteration 9) with a torn last metrics.json line, then resumes; one metrics line per iteration."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    make_trainer(toy_cfg(straight), log_period=1, tensorboard=tensorboard).train()
+    cfg = toy_cfg(resumed)
+    with pytest.raises(Crash):
+        make_trainer(cfg, loader=toy_loader(crash_at=13), log_period=1, tensorboard=tensorboard).train()
+    assert (resumed / "last_checkpoint").read_text().strip() == "model_0000009.pth"
+    assert [r["iteration"] for r in read_metrics(resumed)] == list(range(13))
+    with open(resumed / "metrics.json", "a") as f:
+        f.write('{"iteration": 13, "total_loss": 0.')  # killed while writing
+    if tensorboard:  # event files are named by the second they are opened in, then a per-process counter
+        time.sleep(1.01 - time.time() % 1)
+    t = make_trainer(cfg, log_period=1, tensorboard=tensorboard)
+    t.resume_or_load(resume=True)
+    t.train()
+    return straight, resumed
+
+
+TRAIN_SCALARS = ("total_loss", "loss_a", "loss_b", "lr", "grad_norm")
+
+
+def test_metrics_json_is_pruned_on_resume(tmp_path):
+    """Resuming drops the metrics.json lines past the checkpoint (iterations 10-12, logged again by
+    the resumed run) and the torn last line: one complete line per iteration, each with the values
+    of the uninterrupted run."""
+    straight, resumed = _interrupted_then_resumed(tmp_path, tensorboard=False)
+    text = (resumed / "metrics.json").read_text()
+    assert text.endswith("}\n") and "0.{" not in text
+    rows = read_metrics(resumed)
+    assert [r["iteration"] for r in rows] == list(range(20))
+    for r, ref in zip(rows, read_metrics(straight)):
+        for k in TRAIN_SCALARS:
+            assert r[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-9), (r["iteration"], k)
+
+
+def test_tensorboard_scalars_after_resume(tmp_path):
+    """Read back with TensorBoard's own reader, each step of a resumed run appears once with the
+    value in metrics.json: purge_step drops the interrupted run's steps past its checkpoint."""
+    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                 reason="tensorboard is not installed (the 'tensorboard' extra): no events to read")
+    straight, resumed = _interrupted_then_resumed(tmp_path, tensorboard=True)
+    assert len([f for f in os.listdir(resumed) if f.startswith("events.out.tfevents")]) == 2
+    acc = ea_mod.EventAccumulator(str(resumed), size_guidance={ea_mod.SCALARS: 0})
+    acc.Reload()
+    rows = read_metrics(resumed)
+    for k in TRAIN_SCALARS:
+        events = acc.Scalars(k)
+        assert [e.step for e in events] == list(range(20)), k
+        assert [e.value for e in events] == pytest.approx([float(np.float32(r[k])) for r in rows], rel=1e-6), k
+
+
 def test_metrics_tensorboard_and_log_lines(tmp_path, caplog):
     cfg = toy_cfg(tmp_path, MAX_ITER=6, CHECKPOINT_PERIOD=0)
     t = make_trainer(cfg, tensorboard=True)
@@ -771,6 +909,24 @@ def test_atomic_write_failure_keeps_previous_file_and_no_temp_file(tmp_path):
         (tmp_path / name).write_text("x")
     remove_stale_temp_files(str(tmp_path), ["out.txt."])
     assert sorted(os.listdir(tmp_path)) == [".other.txt.x.tmp", "out.txt", "out.txt.tmp", "sub"]
+
+
+def test_cuda_device_without_cuda_falls_back_to_cpu(tmp_path, monkeypatch, caplog):
+    """MODEL.DEVICE cuda with CUDA absent (simulated): build_model and the Trainer warn and put the
+    model on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = mask2former.get_cfg()
+    cfg.merge_from_file(str(REPO / "configs/synthetic/panoptic.yaml"))
+    cfg.MODEL.DEVICE = "cuda"
+    cfg.OUTPUT_DIR = str(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="mask2former"):
+        model = mask2former.build_model(cfg, load_weights=False)
+        trainer = Trainer(cfg, tensorboard=False, progress_bar=False)
+    warning = "MODEL.DEVICE is 'cuda' but CUDA is not available; using the CPU"
+    assert [r.getMessage() for r in caplog.records].count(warning) == 2
+    for m in (model, trainer.model_without_ddp):
+        assert {t.device.type for t in itertools.chain(m.parameters(), m.buffers())} == {"cpu"}
+    assert trainer.device.type == "cpu" and trainer.scaler is None
 
 
 # ----------------------------------------------------------------------------- command line

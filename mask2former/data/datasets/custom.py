@@ -319,7 +319,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 classes = meta.get("stuff_classes") or meta.get("thing_classes") or []
                 line = f"{name}: {meta.evaluator_type}, {len(classes)} classes"
                 if args.load:
-                    line += f", {len(DatasetCatalog.get(name))} images"
+                    try:
+                        line += f", {len(DatasetCatalog.get(name))} images"
+                    except (OSError, ValueError) as e:  # say which file and entry failed to load
+                        raise DatasetConfigError(f"{os.path.abspath(path)}: dataset {name!r}: {e}") from None
                 print(line)
     except (DatasetConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
