@@ -295,10 +295,17 @@ class InstanceSegEvaluator(DatasetEvaluator):
         return results
 
     def _class_name(self, dataset_id: Any) -> str:
-        names = self._metadata.get("thing_classes")
+        """``thing_classes[contiguous id]`` where the thing ids are 0..N-1 (instance datasets, COCO
+        panoptic); else ``stuff_classes[contiguous id]``: panoptic datasets whose things are spread
+        over the contiguous ids (ADE20K, Mapillary Vistas, Cityscapes) list every class there."""
         table = category_table(self._metadata, "thing")
-        if names is not None and dataset_id in table and table[dataset_id] < len(names):
-            return names[table[dataset_id]]
+        if dataset_id in table:
+            things = self._metadata.get("thing_classes")
+            if things is not None and sorted(table.values()) == list(range(len(things))):
+                return things[table[dataset_id]]
+            stuff = self._metadata.get("stuff_classes")
+            if stuff is not None and table[dataset_id] < len(stuff):
+                return stuff[table[dataset_id]]
         return str(self._coco_gt.cats[dataset_id].get("name", dataset_id))
 
     def _derive(self, ev: Any, task: str) -> Dict[str, float]:

@@ -31,13 +31,6 @@ logger = logging.getLogger(__name__)
 XYWH_ABS = 1  # bbox_mode of COCO boxes
 
 
-def _image_id(value: Any) -> Any:
-    """COCO ids are ints; other datasets (ADE20K panoptic) use strings, which are kept."""
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return value
-
-
 def load_coco_panoptic_json(
     json_file: str, image_dir: str, gt_dir: str, meta: Any, sem_seg_dir: Optional[str] = None
 ) -> List[dict]:
@@ -86,7 +79,9 @@ def load_coco_panoptic_json(
             "which is in neither the thing nor the stuff table of the metadata")
         record = {
             "file_name": image_file,
-            "image_id": _image_id(raw_id),
+            # as in the json (COCO: ints; ADE20K, Cityscapes, Mapillary: strings, even of digits):
+            # the evaluators look the id up in the same json
+            "image_id": raw_id,
             "pan_seg_file_name": os.path.join(gt_dir, png),
             "segments_info": segments,
         }
