@@ -9,9 +9,13 @@
   :func:`require_module`). Skips for what CI cannot provide (a GPU, Detectron2) stay skips.
 * :func:`require_compiled_cpu_ops` and ``isa``: each CPU kernel variant (M2F_OPS_CPU_ISA) in turn, for test files that define an ``op``
   fixture (the compiled op they test).
+* :func:`run_python`: ``python ARGS`` from the repository root, as a user runs the command lines;
+  ``ops_info_cli``: one run of ``python -m mask2former.ops info`` shared by the tests that read it.
 """
 import importlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -72,6 +76,20 @@ def require_compiled_cpu_ops() -> None:
     info = backend_info()
     if not info.cpu:
         skip_or_fail_in_ci(f"compiled CPU kernels unavailable: {info.reason}")
+
+
+def run_python(args, timeout: float = 900, **env) -> subprocess.CompletedProcess:
+    """``python *args`` in a subprocess from the repository root, with ``env`` added to the
+    environment; text output captured."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def ops_info_cli() -> subprocess.CompletedProcess:
+    """``python -m mask2former.ops info`` run once, with the CPU kernel variant capped to generic
+    (M2F_OPS_CPU_ISA=generic, which any machine runs)."""
+    return run_python(["-m", "mask2former.ops", "info"], M2F_OPS_CPU_ISA="generic")
 
 
 @pytest.fixture(scope="session")

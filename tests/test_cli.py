@@ -12,8 +12,6 @@ Subprocesses use one thread each (OMP_NUM_THREADS=1): the machine is shared.
 import json
 import os
 import shutil
-import subprocess
-import sys
 import uuid
 
 import pytest
@@ -23,7 +21,7 @@ import yaml
 import mask2former as m2f
 from mask2former.checkpoint import read_checkpoint
 from mask2former.data.datasets import custom, synthetic
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python
 
 CONFIG = REPO / "configs" / "synthetic" / "panoptic.yaml"
 TRAIN = 8  # generated training images: 4 iterations of 2 are one epoch
@@ -37,12 +35,10 @@ TASK_METRICS = {
 }
 
 
-def _run(args, datasets_root=None, timeout=600, **env):
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+def _run(args, datasets_root=None, **env):
     if datasets_root is not None:
-        full_env["DETECTRON2_DATASETS"] = str(datasets_root)
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+        env["DETECTRON2_DATASETS"] = str(datasets_root)
+    return run_python(args, timeout=600, OMP_NUM_THREADS="1", **env)
 
 
 def _ok(res):

@@ -341,6 +341,7 @@ def _assert_cli_refused(proc, config: Path, sentinel: Path):
     assert not sentinel.exists()
 
 
+@pytest.mark.slow
 def test_train_net_refuses_hostile_config(tmp_path, hostile_config):
     config, sentinel = hostile_config
     proc = _run(["train_net.py", "--config-file", str(config), "OUTPUT_DIR", str(tmp_path / "out")],
@@ -348,6 +349,7 @@ def test_train_net_refuses_hostile_config(tmp_path, hostile_config):
     _assert_cli_refused(proc, config, sentinel)
 
 
+@pytest.mark.slow
 def test_demo_refuses_hostile_config(tmp_path, hostile_config):
     import cv2
     import numpy as np

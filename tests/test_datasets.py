@@ -690,6 +690,7 @@ def contextlib_quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
+@pytest.mark.slow
 def test_eval_only_end_to_end_on_coco_layout(registered, tmp_path, restore_logging, parity_dir):
     """Acceptance: ``train_net.py --eval-only`` with the tiny parity checkpoint on a generated
     COCO-layout dataset (registered with the built-in COCO panoptic+semantic layout) writes every

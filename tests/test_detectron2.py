@@ -64,6 +64,7 @@ def _run(model, image_hwc, out_hw):
 
 
 # ----------------------------------------------------------------------------- without Detectron2
+@pytest.mark.slow
 def test_broken_detectron2_does_not_break_import(tmp_path):
     """A Detectron2 that fails to import costs one warning, never ``import mask2former``."""
     fake = tmp_path / "detectron2"

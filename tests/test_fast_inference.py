@@ -102,6 +102,7 @@ def _postprocess(model, inputs, tasks, network, fast):
         return model.postprocess(outputs, inputs, sizes, padded)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_selected_postprocessing_is_bitwise_plain(parity_dir, name):
     model = build_parity_model(parity_dir, name)
@@ -371,6 +372,7 @@ def test_ffn_block_hidden_buffer_is_bitwise(shape):
         assert hidden.isnan().all()
 
 
+@pytest.mark.slow
 def test_full_width_r50_fast_path_is_bitwise_plain():
     """The official R50 COCO panoptic architecture at full widths (random weights and frozen-BN
     statistics), so every fast-path piece runs: channel-blocked backbone (checked on the first

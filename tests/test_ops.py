@@ -8,19 +8,16 @@ The kernels are built once per machine and cached in the torch extensions dir (f
 """
 import ast
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import warnings
 
 import pytest
 import torch
 
 from mask2former.ops import backend_info, ms_deform_attn, ms_deform_attn_reference
+from mask2former.ops.__main__ import main as ops_main
 from mask2former.ops.backend import env
-from tests.conftest import require_compiled_cpu_ops
+from tests.conftest import REPO, require_compiled_cpu_ops, run_python
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -242,54 +239,55 @@ def test_errors_are_clear(op):
 
 
 # ------------------------------------------------------------------------------------- backends
-def _run(args, **env):
-    full_env = {**os.environ, **env}
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600
-    )
+@pytest.fixture
+def fresh_backend(monkeypatch):
+    """The backend state of this process as before the first load (restored afterwards): the next
+    ``backend_info()`` reads M2F_OPS and the toolchain anew, and may warn again."""
+    from mask2former.ops.backend import state
+
+    for name, value in (("_info", None), ("_warned", False), ("_warned_cuda", False)):
+        monkeypatch.setattr(state, name, value)
 
 
-def test_info_reports_reference_when_forced():
-    res = _run(["-m", "mask2former.ops", "info"], M2F_OPS="reference")
-    assert res.returncode == 0, res.stderr
-    assert "cpu backend: reference" in res.stdout
-    assert "M2F_OPS=reference" in res.stdout
-
-
-def test_info_reports_compiled(op):
+@pytest.mark.slow
+def test_info_reports_compiled(op, ops_info_cli):
     """The compiled backend, and the CPU kernel variant it runs: M2F_OPS_CPU_ISA=generic caps it
     to generic on any machine (the ``isa`` fixture relies on this report)."""
-    res = _run(["-m", "mask2former.ops", "info"], M2F_OPS_CPU_ISA="generic")
-    assert res.returncode == 0, res.stderr
-    assert "cpu backend: compiled CPU" in res.stdout
-    assert "cpu isa: generic\n" in res.stdout
+    assert ops_info_cli.returncode == 0, ops_info_cli.stderr
+    assert "cpu backend: compiled CPU" in ops_info_cli.stdout
+    assert "cpu isa: generic\n" in ops_info_cli.stdout
 
 
-def test_missing_compiler_falls_back_with_one_warning(tmp_path):
-    code = (
-        "import warnings, torch\n"
-        "from mask2former.ops import ms_deform_attn, ms_deform_attn_reference, backend_info\n"
-        "v = torch.randn(1, 5, 1, 2); sh = torch.tensor([[1, 1], [2, 2]]); st = torch.tensor([0, 1])\n"
-        "loc = torch.rand(1, 3, 1, 2, 1, 2); w = torch.rand(1, 3, 1, 2, 1)\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    for _ in range(3):\n"
-        "        assert torch.equal(ms_deform_attn(v, sh, st, loc, w), ms_deform_attn_reference(v, sh, st, loc, w))\n"
-        "msgs = [str(c.message) for c in caught if 'mask2former.ops' in str(c.message)]\n"
-        "assert len(msgs) == 1, msgs\n"
-        "print(msgs[0]); print(backend_info().describe('cpu'))\n"
-    )
-    res = _run(["-c", code], M2F_OPS="auto", CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path))
-    assert res.returncode == 0, res.stderr
-    assert "C++ compiler not found" in res.stdout
-    assert res.stdout.strip().endswith("reference")
+def test_info_reports_reference_when_forced(fresh_backend, monkeypatch, capsys):
+    monkeypatch.setenv("M2F_OPS", "reference")
+    assert ops_main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "M2F_OPS: reference\n" in out and "cpu backend: reference" in out
+    assert "reason: M2F_OPS=reference\n" in out and "cpu isa:" not in out
 
 
-def test_compiled_mode_makes_missing_compiler_an_error(tmp_path):
-    res = _run(["-m", "mask2former.ops", "info"], M2F_OPS="compiled", CXX=str(tmp_path / "no-such-compiler"),
-               TORCH_EXTENSIONS_DIR=str(tmp_path))
-    assert res.returncode == 1
-    assert "M2F_OPS=compiled" in res.stderr and "C++ compiler not found" in res.stderr
+def test_missing_compiler_falls_back_with_one_warning(fresh_backend, monkeypatch, tmp_path):
+    monkeypatch.setenv("M2F_OPS", "auto")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    v = torch.randn(1, 5, 1, 2)
+    sh, st = torch.tensor([[1, 1], [2, 2]]), torch.tensor([0, 1])
+    loc, w = torch.rand(1, 3, 1, 2, 1, 2), torch.rand(1, 3, 1, 2, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert torch.equal(ms_deform_attn(v, sh, st, loc, w), ms_deform_attn_reference(v, sh, st, loc, w))
+    msgs = [str(c.message) for c in caught if "mask2former.ops" in str(c.message)]
+    assert len(msgs) == 1 and "C++ compiler not found" in msgs[0], msgs
+    info = backend_info()
+    assert not info.compiled and info.describe("cpu") == "reference"
+
+
+def test_compiled_mode_makes_missing_compiler_an_error(fresh_backend, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("M2F_OPS", "compiled")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert ops_main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert "M2F_OPS=compiled" in err and "C++ compiler not found" in err
 
 
 def test_invalid_mode_is_rejected(monkeypatch):
@@ -410,12 +408,13 @@ print(json.dumps(failed))
 """
 
 
+@pytest.mark.slow
 def test_each_ops_module_imports_on_its_own():
     """In a fresh interpreter, once per module: forget every mask2former module, import this one
     before anything else of mask2former (its parent packages are empty stand-ins; mask2former.ops
     itself is imported for real), then every other ops module in an order drawn from its name.
     torch stays imported between rounds (one interpreter keeps this test at a few seconds)."""
-    res = _run(["-c", _FRESH_IMPORTS, json.dumps([str(REPO), sorted(_ops_modules())])])
+    res = run_python(["-c", _FRESH_IMPORTS, json.dumps([str(REPO), sorted(_ops_modules())])])
     assert res.returncode == 0, res.stderr
     failed = json.loads(res.stdout.strip().splitlines()[-1])
     assert failed == {}, "\n".join(f"{name} first:\n{tb}" for name, tb in failed.items())

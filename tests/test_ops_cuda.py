@@ -8,9 +8,6 @@
   / float16 / bfloat16 (values and gradients), gradcheck in float64, device-resident level
   metadata without synchronisation, torch.compile(fullgraph=True), opcheck, and input errors.
 """
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,9 +17,8 @@ import torch
 from mask2former.ops import BackendInfo, backend_info, check_ms_deform_attn_shapes, ms_deform_attn
 from mask2former.ops import ms_deform_attn_reference
 from mask2former.ops.backend import cuda_check, env, state, toolchain
-from tests.conftest import require_compiled_cpu_ops, skip_or_fail_in_ci
+from tests.conftest import require_compiled_cpu_ops, run_python, skip_or_fail_in_ci
 
-REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device visible (torch.cuda.is_available() is False)")
 
@@ -32,12 +28,6 @@ LEVELS = [
     [[1, 1]],
     [[13, 9], [7, 5], [4, 3], [2, 2]],
 ]
-
-
-def _run(args, **env):
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=900
-    )
 
 
 def _cuda_build_missing():
@@ -65,7 +55,7 @@ def test_cuda_check_command_line():
     missing = _cuda_build_missing()
     if missing:
         pytest.skip(f"cannot compile CUDA sources: {missing}")
-    res = _run(["-m", "mask2former.ops", "build", "--cuda-check", "--arch-list", "9.0"])
+    res = run_python(["-m", "mask2former.ops", "build", "--cuda-check", "--arch-list", "9.0"])
     assert res.returncode == 0, res.stderr
     assert "compiled and linked for TORCH_CUDA_ARCH_LIST=9.0" in res.stdout
 
@@ -76,8 +66,9 @@ def test_cuda_check_reports_missing_toolchain(monkeypatch):
         cuda_check.build_cuda_sources_for_check("9.0")
 
 
-def test_info_reports_cuda_backend_state(capsys):
-    res = _run(["-m", "mask2former.ops", "info"])
+@pytest.mark.slow
+def test_info_reports_cuda_backend_state(ops_info_cli, capsys):
+    res = ops_info_cli
     assert res.returncode == 0, res.stderr
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("cuda backend:"))
     info = backend_info()
@@ -98,15 +89,15 @@ def test_cuda_fallback_warns_once_unless_opted_out(monkeypatch):
     """Without a CUDA kernel, CUDA tensors run the reference with one warning saying why;
     M2F_OPS_CUDA=0 (an explicit choice) silences it."""
     require_compiled_cpu_ops()
-    for env in ("1", "0"):
-        monkeypatch.setenv("M2F_OPS_CUDA", env)
+    for opt in ("1", "0"):
+        monkeypatch.setenv("M2F_OPS_CUDA", opt)
         monkeypatch.setattr(state, "_warned_cuda", False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(3):
                 assert state.compiled_available("cuda") is False
         msgs = [str(c.message) for c in caught if "mask2former.ops" in str(c.message)]
-        if env == "1":
+        if opt == "1":
             assert len(msgs) == 1, msgs
             assert "CUDA tensors use the PyTorch reference" in msgs[0] and "no CUDA device visible" in msgs[0]
         else:
@@ -154,7 +145,7 @@ def test_cuda_tensors_fall_back_to_reference_with_one_warning():
     the CPU kernel is still built."""
     if toolchain.missing_toolchain():
         skip_or_fail_in_ci(f"compiled ops need a toolchain: {toolchain.missing_toolchain()}")
-    res = _run(["-c", _GPU_FALLBACK_SCRIPT])
+    res = run_python(["-c", _GPU_FALLBACK_SCRIPT])
     assert res.returncode == 0, res.stderr
     count, msg, cpu = res.stdout.splitlines()[:3]
     assert count == "1" and "CUDA tensors use the PyTorch reference" in msg and "simulated" in msg
