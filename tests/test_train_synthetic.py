@@ -181,9 +181,12 @@ def test_kill_9_and_resume_with_random_seed_reproduces_the_uninterrupted_run(sma
     drawn = meta["seed"]
     assert drawn >= 0
 
-    _finish(_train_net(run_a, -1, "--resume", datasets_root=datasets_root))
+    # the resumed run and the uninterrupted one are independent: one thread each, side by side
     run_b = tmp_path / "straight"
-    _finish(_train_net(run_b, drawn, datasets_root=datasets_root))
+    resumed = _train_net(run_a, -1, "--resume", datasets_root=datasets_root)
+    straight = _train_net(run_b, drawn, datasets_root=datasets_root)
+    _finish(resumed)
+    _finish(straight)
 
     a, meta_a = read_checkpoint(str(run_a / "model_final.pth"))
     b, meta_b = read_checkpoint(str(run_b / "model_final.pth"))
