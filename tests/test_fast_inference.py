@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_parity import MODELS, PIXEL_AGREEMENT, PROB_TOL, build_parity_model, canonical_panoptic, parity_cases
+from test_parity import (MODELS, PIXEL_AGREEMENT, PROB_TOL, build_parity_model, canonical_panoptic, parity_cases,
+                         parity_file)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ TASK_SETS = [("panoptic",), ("instance",), ("panoptic", "instance"), ("panoptic"
 
 
 def parity_inputs(parity_dir, name):
-    io = np.load(parity_dir / f"tiny_{name}_io.npz")
+    io = np.load(parity_file(parity_dir, name, "_io.npz"))
     out = []
     for case in parity_cases(io):
         image, (oh, ow) = io[f"{case}__image"], io[f"{case}__out_hw"]

@@ -12,16 +12,23 @@ import torch
 
 import mask2former as m2f
 
-MODELS = ["panoptic", "instance", "semantic", "swin_semantic", "maskformer_semantic"]
+MODELS = ["panoptic", "instance", "semantic", "swin_semantic", "maskformer_semantic", "mpformer_instance"]
+# the descendants' parity files sit in their own folders of ../shared/parity
+FOLDERS = {"mpformer_instance": "mpformer"}
 PROB_TOL = 1e-4
 PIXEL_AGREEMENT = 0.999
 
 
+def parity_file(parity_dir, name, suffix):
+    """../shared/parity[/<folder>]/tiny_<name><suffix>."""
+    return parity_dir / FOLDERS.get(name, "") / f"tiny_{name}{suffix}"
+
+
 def build_parity_model(parity_dir, name):
     cfg = m2f.get_cfg()
-    cfg.merge_from_file(str(parity_dir / f"tiny_{name}.yaml"))
+    cfg.merge_from_file(str(parity_file(parity_dir, name, ".yaml")))
     model = m2f.build_model(cfg).eval()
-    result = m2f.load_checkpoint(model, str(parity_dir / f"tiny_{name}.pkl"))
+    result = m2f.load_checkpoint(model, str(parity_file(parity_dir, name, ".pkl")))
     assert not result.missing_keys and not result.unexpected_keys
     return model
 
@@ -77,7 +84,7 @@ def check_instances(ins, classes, scores, masks):
 @pytest.mark.parametrize("name", MODELS)
 def test_matches_official_outputs(parity_dir, name):
     model = build_parity_model(parity_dir, name)
-    io = np.load(parity_dir / f"tiny_{name}_io.npz")
+    io = np.load(parity_file(parity_dir, name, "_io.npz"))
     cases = parity_cases(io)
     assert cases, "no inputs in the parity file"
     checked = set()
@@ -110,7 +117,8 @@ def test_matches_official_outputs(parity_dir, name):
 
 
 def test_every_parity_model_is_tested(parity_dir):
-    present = sorted(p.name[len("tiny_"):-len("_io.npz")] for p in parity_dir.glob("tiny_*_io.npz"))
+    folders = ["", *sorted(set(FOLDERS.values()))]
+    present = sorted(p.name[len("tiny_"):-len("_io.npz")] for f in folders for p in (parity_dir / f).glob("tiny_*_io.npz"))
     assert present == sorted(MODELS)
 
 

@@ -285,6 +285,9 @@ MASKFORMER2_DEFAULTS = {
         "WEIGHT_DECAY_EMBED": 0.0,
         "OPTIMIZER": "ADAMW",
         "BACKBONE_MULTIPLIER": 0.1,
+        # MP-Former's train_net.py: with INSTANT_DROP, SOLVER.STEPS becomes (DROP_EP, DROP_EP + 15000)
+        "INSTANT_DROP": False,
+        "DROP_EP": 0,
     },
     "MODEL": {
         "MASK_FORMER": {
@@ -321,7 +324,26 @@ MASKFORMER2_DEFAULTS = {
             "TRAIN_NUM_POINTS": 112 * 112,
             "OVERSAMPLE_RATIO": 3.0,
             "IMPORTANCE_SAMPLE_RATIO": 0.75,
+            # MP-Former (mask-piloted training; keys and defaults of IDEA-Research/MP-Former's
+            # add_maskformer2_config). Read only by MultiScaleMaskedTransformerDecoderMaskDN, and
+            # only in training. DN_MODE: how the ground-truth masks of the MP queries are noised
+            # ("points": random pixel flips, the released setting; "shift": the mask translated).
+            # HEAD_DN: independent noise per attention head. ALL_LY_DN: MP attention masks in every
+            # layer (else the first three). LB_NOISE_RATIO: fraction of MP class labels replaced
+            # by a random class (<= 0: none). DN_NO_LB: no classification loss on MP queries.
+            # DN_RATIO is read only by official modes not implemented here ("patch", "points_MAE").
+            # LAST_Q_RATIO is read only by the official MaskDNLYSmooth decoder, not implemented here.
+            "LAST_Q_RATIO": 0.0,
+            "DN_MODE": "base",
+            "HEAD_DN": False,
+            "ALL_LY_DN": False,
+            "DN_RATIO": 0.5,
+            "DN_NO_LB": False,
+            "LB_NOISE_RATIO": -1.0,
         },
+        # MP-Former: NUM_DN groups of MP queries (>= 100: a budget of queries, NUM_DN // most
+        # ground-truth objects of an image in the batch); NOISE_SCALE: strength of the mask noise.
+        "DN": {"NUM_DN": 5, "NOISE_SCALE": 0.2},
         "SEM_SEG_HEAD": {
             "MASK_DIM": 256,
             "TRANSFORMER_ENC_LAYERS": 0,

@@ -18,6 +18,12 @@ Losses (M = matched pairs over the batch, num_masks = total targets averaged ove
                (weighted mean); unmatched queries have target "no object" (index K).
     loss_mask: sum over matched pairs of the mean sigmoid BCE over P points, / num_masks.
     loss_dice: sum over matched pairs of 1 - (2 sum(s g) + 1) / (sum s + sum g + 1), / num_masks.
+MP-Former (``mp_losses=True``): ``outputs["dn_out"]`` holds the mask-piloted queries' predictions
+(same keys, and "layout", see ``transformer_decoder/mask_piloting.py``). Each MP slot is assigned
+directly to the object it was built from (no matching); padding slots have target "no object".
+The same three losses, "<name>_dn" (and "<name>_dn_<i>" for its aux_outputs[i]), with num_masks
+multiplied by the number of MP groups. Without "dn_out" (no object in the batch) they are zeros.
+
 The P = ``num_points`` points of each matched prediction are drawn by uncertainty-based
 importance sampling (``get_uncertain_point_coords_with_randomness`` with -|logit|); the
 prediction and its target are both read at those points by bilinear interpolation, so no
@@ -60,8 +66,9 @@ def _dist_world_size() -> int:
 class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, *, weight_dict: Dict[str, float], eos_coef: float, num_points: int,
                  oversample_ratio: float, importance_sample_ratio: float, matcher: Optional[nn.Module] = None,
-                 dense: bool = False):
+                 dense: bool = False, mp_losses: bool = False):
         super().__init__()
+        self.mp_losses = mp_losses
         self.num_classes = num_classes
         self.weight_dict = weight_dict
         self.eos_coef = eos_coef
@@ -169,9 +176,29 @@ class SetCriterion(nn.Module):
         self.check_targets(outputs, targets)
         num_masks = self.num_masks(targets, outputs["pred_logits"].device)
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        main.pop("dn_out", None)
         losses = self.layer_losses(main, targets, num_masks)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_masks).items()})
+        if self.mp_losses:
+            losses.update(self.mask_piloted_losses(outputs, targets, num_masks))
+        return losses
+
+    def mask_piloted_losses(self, outputs: Dict, targets: Sequence[Dict], num_masks: float) -> Dict[str, torch.Tensor]:
+        """MP-Former's losses of the MP queries, every layer, by direct assignment."""
+        dn = outputs.get("dn_out")
+        layers = [("", dn)] + [(f"_{i}", aux) for i, aux in enumerate(dn["aux_outputs"])] if dn is not None else []
+        if dn is None:  # nothing was piloted: zeros under the same names
+            zero = torch.zeros((), device=outputs["pred_logits"].device)
+            names = [""] + [f"_{i}" for i in range(len(outputs.get("aux_outputs", [])))]
+            return {f"{k}_dn{n}": zero for n in names for k in ("loss_ce", "loss_mask", "loss_dice")}
+        layout = dn["layout"]
+        matches = layout.matches([len(t["labels"]) for t in targets])
+        losses = {}
+        for suffix, layer in layers:
+            part = self.loss_labels(layer, targets, matches)
+            part.update(self.loss_masks(layer, targets, matches, num_masks * layout.num_groups))
+            losses.update({f"{k}_dn{suffix}": v for k, v in part.items()})
         return losses
 
     def extra_repr(self) -> str:
@@ -180,15 +207,21 @@ class SetCriterion(nn.Module):
                 f"dense={self.dense}, weight_dict={self.weight_dict}")
 
 
-def build_criterion(cfg, num_classes: int, dense: bool = False) -> SetCriterion:
+def build_criterion(cfg, num_classes: int, dense: bool = False, mp_losses: bool = False) -> SetCriterion:
+    """``mp_losses``: add MP-Former's losses (the decoder is mask-piloted); MODEL.MASK_FORMER.DN_NO_LB
+    then leaves out their classification terms."""
     mf = cfg.MODEL.MASK_FORMER
     weight_dict = {"loss_ce": mf.CLASS_WEIGHT, "loss_mask": mf.MASK_WEIGHT, "loss_dice": mf.DICE_WEIGHT}
+    if mp_losses:
+        weight_dict.update({f"{k}_dn": v for k, v in weight_dict.items() if not (mf.DN_NO_LB and k == "loss_ce")})
     if mf.DEEP_SUPERVISION:
         # one set of auxiliary losses per earlier prediction (DEC_LAYERS - 1 of them)
+        layer = dict(weight_dict)
         for i in range(mf.DEC_LAYERS - 1):
-            weight_dict.update({f"{k}_{i}": v for k, v in list(weight_dict.items())[:3]})
+            weight_dict.update({f"{k}_{i}": v for k, v in layer.items()})
     matcher = HungarianMatcher(cost_class=mf.CLASS_WEIGHT, cost_mask=mf.MASK_WEIGHT, cost_dice=mf.DICE_WEIGHT,
                                num_points=mf.TRAIN_NUM_POINTS)
     return SetCriterion(num_classes, weight_dict=weight_dict, eos_coef=mf.NO_OBJECT_WEIGHT,
                         num_points=mf.TRAIN_NUM_POINTS, oversample_ratio=mf.OVERSAMPLE_RATIO,
-                        importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO, matcher=matcher, dense=dense)
+                        importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO, matcher=matcher, dense=dense,
+                        mp_losses=mp_losses)

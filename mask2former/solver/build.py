@@ -229,6 +229,9 @@ def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> LRMultiplier:
 
     if name == "WarmupMultiStepLR":
         steps = sorted(int(x) for x in s.STEPS)
+        if _maskformer2_key(s, "INSTANT_DROP"):  # MP-Former's train_net.py
+            drop = int(_maskformer2_key(s, "DROP_EP"))
+            steps = [drop, drop + 15000]
         kept = [x for x in steps if x < max_iter]
         if len(kept) != len(steps):
             logger.warning("SOLVER.STEPS %s has values >= SOLVER.MAX_ITER (%d); they are ignored", steps, max_iter)

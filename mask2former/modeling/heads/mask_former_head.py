@@ -91,10 +91,13 @@ class MaskFormerHead(nn.Module):
                     state_dict[prefix + "pixel_decoder." + rest] = state_dict.pop(k)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
-    def forward(self, features, mask=None):
+    def forward(self, features, mask=None, targets=None):
+        """``targets`` (training): the ground truth, for a mask-piloted predictor (MP-Former)."""
         mask_features, encoder_features, multi_scale = self.pixel_decoder.forward_features(features)
         feature = self.transformer_in_feature
         if feature == "multi_scale_pixel_decoder":
+            if targets is not None:
+                return self.predictor(multi_scale, mask_features, mask, targets=targets)
             return self.predictor(multi_scale, mask_features, mask)
         if feature == "transformer_encoder":
             if encoder_features is None:

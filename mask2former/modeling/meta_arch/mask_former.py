@@ -20,6 +20,7 @@ from ...utils.registry import META_ARCH_REGISTRY
 from .. import postprocessing as post
 from ..backbone import build_backbone
 from ..criterion import build_criterion
+from ..transformer_decoder.mp_former_transformer_decoder import refuse_mp_settings
 from ..heads import build_sem_seg_head
 
 logger = logging.getLogger(__name__)
@@ -111,10 +112,13 @@ class MaskFormer(nn.Module):
         if sem_seg_head is None:
             sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         test = cfg.MODEL.MASK_FORMER.TEST
+        mask_piloted = getattr(getattr(sem_seg_head, "predictor", None), "mask_piloted", False)
+        if not mask_piloted:
+            refuse_mp_settings(cfg, type(getattr(sem_seg_head, "predictor", sem_seg_head)).__name__)
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
-            "criterion": build_criterion(cfg, sem_seg_head.num_classes),
+            "criterion": build_criterion(cfg, sem_seg_head.num_classes, mp_losses=mask_piloted),
             "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
             "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": test.OVERLAP_THRESHOLD,
@@ -180,7 +184,10 @@ class MaskFormer(nn.Module):
                 targets_in.append(x["instances"])
             images, sizes = self.preprocess(batched_inputs)
             targets = self.prepare_targets(targets_in, tuple(images.shape[-2:]), sizes)
-            outputs = self.sem_seg_head(self.backbone(images))
+            if getattr(getattr(self.sem_seg_head, "predictor", None), "mask_piloted", False):
+                outputs = self.sem_seg_head(self.backbone(images), targets=targets)  # MP-Former
+            else:
+                outputs = self.sem_seg_head(self.backbone(images))
             losses = self.criterion(outputs, targets)
             weights = self.criterion.weight_dict
             return {k: v * weights[k] for k, v in losses.items() if k in weights}
@@ -189,7 +196,8 @@ class MaskFormer(nn.Module):
     def prepare_targets(self, gt_instances: Sequence, padded_size: Tuple[int, int],
                         image_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[Dict[str, torch.Tensor]]:
         """Instances (gt_classes (N,), gt_masks (N, h, w)) -> {"labels": int64 (N,), "masks": bool
-        (N, H, W)} on the model's device, masks zero-padded bottom/right to the padded batch size.
+        (N, H, W), "image_size": (h, w)} on the model's device, masks zero-padded bottom/right to
+        the padded batch size.
         ``image_sizes``: the unpadded (h, w) of each image, which the masks must match."""
         pad_h, pad_w = padded_size
         targets = []
@@ -211,7 +219,7 @@ class MaskFormer(nn.Module):
                                  f"{size[0]}x{size[1]}; the mapper must give masks at the image's size")
             padded = masks.new_zeros((masks.shape[0], pad_h, pad_w))
             padded[:, :h, :w] = masks
-            targets.append({"labels": labels, "masks": padded})
+            targets.append({"labels": labels, "masks": padded, "image_size": (h, w)})
         return targets
 
     def inference(self, batched_inputs: List[Dict]) -> List[Dict]:

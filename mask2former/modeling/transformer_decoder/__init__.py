@@ -1,2 +1,3 @@
 from .mask2former_transformer_decoder import MultiScaleMaskedTransformerDecoder
 from .maskformer_transformer_decoder import StandardTransformerDecoder
+from .mp_former_transformer_decoder import MultiScaleMaskedTransformerDecoderMaskDN

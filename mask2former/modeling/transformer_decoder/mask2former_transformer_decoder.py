@@ -83,6 +83,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def forward(self, x, mask_features, mask=None):
+        src, pos, sizes = self.memory(x)
+        bs = src[0].shape[1]
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
+        return self.output_dict(self.decode(output, self.query_positions(bs), src, pos, sizes, mask_features))
+
+    def memory(self, x):
+        """The three feature maps -> per level: projected features + level embedding (HW, N, C),
+        their sine positions (HW, N, C), and their sizes (h, w)."""
         if len(x) != self.num_feature_levels:
             raise ValueError(f"expected {self.num_feature_levels} feature maps, got {len(x)}")
         src, pos, sizes = [], [], []
@@ -91,20 +99,28 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             pos.append(self.pe_layer(x[i]).flatten(2).permute(2, 0, 1))
             s = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
             src.append(s.permute(2, 0, 1))  # (HW, N, C)
-        bs = src[0].shape[1]
-        query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
-        output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
+        return src, pos, sizes
+
+    def query_positions(self, bs):
+        """The learnable query positions (Q, N, C) added to queries in attention."""
+        return self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
+
+    def decode(self, output, query_pos, src, pos, sizes, mask_features, self_attn_mask=None, pilot=None):
+        """Run the layers from the queries ``output`` (L, N, C); returns every prediction
+        [(logits, masks, next attention mask)]. ``self_attn_mask`` (L, L) bool restricts
+        self-attention; ``pilot(j, attn_mask)`` may rewrite the attention mask that layer j reads."""
         predictions = [self.prediction_heads(output, mask_features, sizes[0])]
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
+            attn_mask = predictions[-1][2] if pilot is None else pilot(i, predictions[-1][2])
             output = self.transformer_cross_attention_layers[i](
-                output, src[level], memory_mask=predictions[-1][2], pos=pos[level], query_pos=query_pos)
-            output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
+                output, src[level], memory_mask=attn_mask, pos=pos[level], query_pos=query_pos)
+            output = self.transformer_self_attention_layers[i](output, tgt_mask=self_attn_mask, query_pos=query_pos)
             output = self.transformer_ffn_layers[i](output)
             # the last layer's attention mask would have no reader
             size = sizes[(i + 1) % self.num_feature_levels] if i + 1 < self.num_layers else None
             predictions.append(self.prediction_heads(output, mask_features, size))
-        return self.output_dict(predictions)
+        return predictions
 
     def output_dict(self, predictions):
         """[(logits, masks, attention mask)] of every prediction, in order -> the decoder's outputs."""
