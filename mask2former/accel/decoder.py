@@ -21,9 +21,10 @@ from typing import Optional
 import torch
 
 from ..modeling.transformer_decoder.mask2former_transformer_decoder import MultiScaleMaskedTransformerDecoder
+from ..modeling.transformer_decoder.mp_former_transformer_decoder import MultiScaleMaskedTransformerDecoderMaskDN
 from .core import accelerates, inference_active, module_state, verified
 
-__all__ = ["attention_mask_pixels", "FastMultiScaleMaskedTransformerDecoder"]
+__all__ = ["attention_mask_pixels", "FastMultiScaleMaskedTransformerDecoder", "FastMultiScaleMaskedTransformerDecoderMaskDN"]
 
 
 def _read_factor(n_in: int, n_out: int) -> Optional[int]:
@@ -48,16 +49,18 @@ def attention_mask_pixels(mask_features: torch.Tensor, size) -> Optional[torch.T
     return blocks[:, :, :, fy // 2 - 1: fy // 2 + 1, :, fx // 2 - 1: fx // 2 + 1].reshape(n, c, 2 * h, 2 * w)
 
 
-@accelerates(MultiScaleMaskedTransformerDecoder)
-class FastMultiScaleMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder):
-    def forward(self, x, mask_features, mask=None):
+class _FastMaskedDecoder:
+    """The acceleration of the masked-attention decoders (Mask2Former's and MP-Former's, whose
+    inference is Mask2Former's): mixed in before the plain class."""
+
+    def forward(self, x, mask_features, mask=None, **kwargs):
         if not inference_active(self):
-            return super().forward(x, mask_features, mask)
+            return super().forward(x, mask_features, mask, **kwargs)
         # the layers cycle over three levels: select each level's pixels once per call (per thread)
         calls = module_state(self).setdefault("pixels", {})
         calls[threading.get_ident()] = {}
         try:
-            return super().forward(x, mask_features, mask)
+            return super().forward(x, mask_features, mask, **kwargs)
         finally:
             calls.pop(threading.get_ident(), None)
 
@@ -81,7 +84,7 @@ class FastMultiScaleMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder)
             return logits, None, self.attention_mask(torch.einsum("bqc,bchw->bqhw", embed, pixels), attn_mask_size)
 
         def plain():
-            return super(FastMultiScaleMaskedTransformerDecoder, self).prediction_heads(
+            return super(_FastMaskedDecoder, self).prediction_heads(
                 output, mask_features, attn_mask_size)
 
         key = ("selected pixels", mask_features.device.type, mask_features.dtype, tuple(embed.shape),
@@ -100,3 +103,13 @@ class FastMultiScaleMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder)
             # as the heads' copies
             return self.query_attention_mask(masks, size)[0]
         return super().attention_mask(masks, size)
+
+
+@accelerates(MultiScaleMaskedTransformerDecoder)
+class FastMultiScaleMaskedTransformerDecoder(_FastMaskedDecoder, MultiScaleMaskedTransformerDecoder):
+    pass
+
+
+@accelerates(MultiScaleMaskedTransformerDecoderMaskDN)
+class FastMultiScaleMaskedTransformerDecoderMaskDN(_FastMaskedDecoder, MultiScaleMaskedTransformerDecoderMaskDN):
+    pass
