@@ -317,6 +317,18 @@ def test_warmup_multistep_and_cosine_lr(tmp_path):
         _lrs(cfg, 1)
 
 
+def test_instant_drop_sets_the_steps(tmp_path):
+    """MP-Former's SOLVER.INSTANT_DROP: the multi-step schedule drops at DROP_EP and DROP_EP + 15000,
+    whatever SOLVER.STEPS says."""
+    cfg = toy_cfg(tmp_path, LR_SCHEDULER_NAME="WarmupMultiStepLR", MAX_ITER=100, STEPS=(30, 60), GAMMA=0.1,
+                  WARMUP_ITERS=0, INSTANT_DROP=True, DROP_EP=20)
+    lrs, _, _ = _lrs(cfg, 100, base=1.0)
+    assert lrs[19] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.1) and lrs[99] == pytest.approx(0.1)
+    cfg.SOLVER.INSTANT_DROP = False
+    lrs, _, _ = _lrs(cfg, 100, base=1.0)
+    assert lrs[29] == pytest.approx(1.0) and lrs[30] == pytest.approx(0.1) and lrs[60] == pytest.approx(0.01)
+
+
 def test_scheduler_keeps_group_ratios_and_resumes(tmp_path):
     cfg = toy_cfg(tmp_path, BASE_LR=1.0, BACKBONE_MULTIPLIER=0.1, MAX_ITER=50, WARMUP_ITERS=5)
     model = ToyNet()
