@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import mask2former
 from mask2former.config import CfgNode, UnsafeConfigError, get_cfg
 from mask2former.config.safe_eval import MAX_ITEMS, SafeEvalError, safe_eval
 from mask2former.config.safe_yaml import load_config_yaml
@@ -222,6 +223,7 @@ _HOSTILE_NAMES = list(_hostile_tags(Path("x")))
 def _assert_refused(path: Path, key: str, tag: str, sentinel: Path, **kwargs):
     with pytest.raises(UnsafeConfigError) as info:
         get_cfg().merge_from_file(str(path), **kwargs)
+    assert isinstance(info.value, mask2former.UnsafeConfigError)  # README: the top-level name
     msg = str(info.value)
     assert f"'{path}'" in msg and f"key '{key}'" in msg and f"'{tag}'" in msg, msg
     assert not sentinel.exists()

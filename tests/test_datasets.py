@@ -490,6 +490,33 @@ datasets:
         unregister([name])
 
 
+def test_datasets_flag_repeats_and_env_var_lists_several_files(sem_folder, tmp_path, restore_logging,
+                                                               monkeypatch):
+    """README: ``train_net.py --datasets FILE`` is repeatable, and M2F_DATASETS_YAML lists several
+    files separated by os.pathsep; every file's datasets are registered."""
+    from mask2former.engine.defaults import default_argument_parser, setup
+
+    tag = uuid.uuid4().hex[:8]
+    names = [f"{k}_{tag}" for k in ("flag1", "flag2", "env1", "env2")]
+    paths = [_write_yaml(tmp_path / f"{n}.yaml", f"""
+datasets:
+  - {{name: {n}, type: sem_seg, image_root: sem/img, gt_root: sem/gt, classes: [{n}, x], image_ext: png}}
+""") for n in names]
+    try:
+        args = default_argument_parser().parse_args(
+            ["--datasets", paths[0], "--config-file", "", "--datasets", paths[1], "OUTPUT_DIR", str(tmp_path / "out"),
+             "DATASETS.TEST", f"('{names[0]}', '{names[1]}')"])
+        assert args.datasets == paths[:2]
+        assert list(setup(args).DATASETS.TEST) == names[:2]
+        monkeypatch.setenv("M2F_DATASETS_YAML", os.pathsep.join(paths[2:]))
+        assert register_from_env() == names[2:]
+        for n in names:
+            assert MetadataCatalog.get(n).stuff_classes == [n, "x"], n
+            assert len(DatasetCatalog.get(n)) == 2, n
+    finally:
+        unregister(names)
+
+
 def test_example_yaml_is_valid():
     entries = load_datasets_yaml(str(REPO / "datasets" / "example_datasets.yaml"))
     assert {e["type"] for e in entries} == {"coco_panoptic", "coco_instances", "sem_seg"}

@@ -489,6 +489,31 @@ def test_open_video_writer_codec_fallback(tmp_path):
         demo_lib.open_video_writer(str(tmp_path / "w.mp4"), 5.0, (16, 8), codecs=("zzzz", "yyyy"))
 
 
+@pytest.mark.parametrize("works", ["avc1", "x264", "mp4v"])
+def test_open_video_writer_tries_avc1_x264_mp4v_in_turn(tmp_path, monkeypatch, works):
+    """README: "Videos are written as mp4 with the first codec that works among avc1, x264 and
+    mp4v". A fake cv2.VideoWriter that opens only with ``works`` records the codecs tried."""
+    tried = []
+
+    class FakeWriter:
+        def __init__(self, path, fourcc, fps, size):
+            tried.append(fourcc)
+            self.opened = fourcc == cv2.VideoWriter_fourcc(*works)
+
+        def isOpened(self):
+            return self.opened
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(cv2, "VideoWriter", FakeWriter)
+    writer = demo_lib.open_video_writer(str(tmp_path / "v.mp4"), 5.0, (16, 8))
+    assert isinstance(writer, FakeWriter) and writer.isOpened()
+    order = ["avc1", "x264", "mp4v"]
+    assert demo_lib.VIDEO_CODECS == tuple(order)
+    assert tried == [cv2.VideoWriter_fourcc(*c) for c in order[: order.index(works) + 1]]
+
+
 def test_progress_without_tqdm_logs_frames_per_second(caplog):
     caplog.set_level(logging.INFO)
     progress = demo_lib.Progress(total=10, desc="clip", every_s=0.0, use_tqdm=False)

@@ -1,9 +1,10 @@
 """The optional Detectron2 integration (mask2former/detectron2).
 
 Every test that needs Detectron2 is skipped, with the reason, when it is not installed (it is
-not on PyPI and is never a dependency of this project). Two tests run without it: a broken
-Detectron2 cannot break ``import mask2former``, and ``--engine detectron2`` without Detectron2
-exits with install instructions.
+not on PyPI and is never a dependency of this project). Three tests run without it: a broken
+Detectron2 cannot break ``import mask2former``; without an importable Detectron2, or with
+``M2F_DETECTRON2=0``, nothing of Detectron2 is imported; and ``--engine detectron2`` without
+Detectron2 exits with install instructions.
 
 With Detectron2:
 * ``detectron2.modeling.build_model`` builds this package's model from the parity configs
@@ -21,6 +22,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 import warnings
 from pathlib import Path
 
@@ -84,6 +86,93 @@ def test_broken_detectron2_does_not_break_import(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+_FRESH_IMPORT = textwrap.dedent("""
+    import importlib, importlib.abc, os, sys, warnings
+
+    fake_dir, marker, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+    lookups = []
+
+    class Finder(importlib.abc.MetaPathFinder):
+        # records every lookup of detectron2 (or a submodule); while `block`, none is found
+        block = True
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "detectron2":
+                lookups.append(name)
+                if self.block:
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    def d2_modules():
+        return sorted(m for m in sys.modules if m.split(".")[0] == "detectron2")
+
+    def d2_warnings(caught):
+        return [str(w.message) for w in caught if "Detectron2" in str(w.message)]
+
+    finder = Finder()
+    sys.meta_path.insert(0, finder)
+    # 1. Detectron2 not importable: `import mask2former` looks it up once and imports nothing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import mask2former
+    assert lookups == ["detectron2"] and d2_modules() == [], (lookups, d2_modules())
+    assert not [m for m in sys.modules if m.startswith("mask2former.detectron2.")]
+    assert d2_warnings(caught) == []
+    # (M2F_DATASETS_YAML, read by the same import: every file of the list is registered)
+    from mask2former.data import DatasetCatalog, MetadataCatalog
+    assert all(n in DatasetCatalog for n in names), names
+    assert [MetadataCatalog.get(n).stuff_classes for n in names] == [["a", "b"], ["c"]]
+
+    # 2. M2F_DETECTRON2=0 with an importable Detectron2 (fake_dir's, whose import writes `marker`):
+    #    the integration (what `import mask2former` runs last) does not even look for it
+    finder.block = False
+    lookups.clear()
+    sys.path.insert(0, fake_dir)
+    importlib.invalidate_caches()
+    import mask2former.detectron2 as integration
+    os.environ["M2F_DETECTRON2"] = "0"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert integration.maybe_register() is False
+    assert lookups == [] and d2_modules() == [] and not os.path.exists(marker) and d2_warnings(caught) == []
+    # the control: without the variable the same call imports the fake (which fails on purpose)
+    del os.environ["M2F_DETECTRON2"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert integration.maybe_register() is False
+    assert os.path.exists(marker) and len(d2_warnings(caught)) == 1, d2_warnings(caught)
+    print("ok")
+""")
+
+
+@pytest.mark.slow
+def test_fresh_import_without_detectron2_or_with_m2f_detectron2_0(tmp_path):
+    """README: "without it nothing is imported and nothing changes"; "M2F_DETECTRON2=0 turns the
+    integration off". One fresh interpreter: ``import mask2former`` with Detectron2 hidden (even
+    when installed) leaves no ``detectron2`` module and imports none of the integration's
+    submodules; then, with an importable fake Detectron2 and ``M2F_DETECTRON2=0``, the integration
+    does not look it up (and without the variable it does). The same import registers the two
+    YAML files listed in ``M2F_DATASETS_YAML`` (README, Custom datasets)."""
+    fake = tmp_path / "fake" / "detectron2"
+    fake.mkdir(parents=True)
+    marker = tmp_path / "detectron2_imported"
+    (fake / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                      "raise ImportError('fake detectron2, imported on purpose')\n")
+    tag = uuid.uuid4().hex[:8]
+    names = [f"env_a_{tag}", f"env_b_{tag}"]
+    files = []
+    for name, classes in zip(names, ("[a, b]", "[c]")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"datasets:\n  - {{name: {name}, type: sem_seg, image_root: img, gt_root: gt, "
+                        f"classes: {classes}}}\n")
+        files.append(str(path))
+    env = dict(os.environ, PYTHONPATH=str(REPO), M2F_DATASETS_YAML=os.pathsep.join(files))
+    env.pop("M2F_DETECTRON2", None)
+    out = subprocess.run([sys.executable, "-c", _FRESH_IMPORT, str(tmp_path / "fake"), str(marker), ",".join(names)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def test_engine_detectron2_without_detectron2_explains(monkeypatch, capsys):

@@ -1,5 +1,7 @@
 """Unit tests of the model's parts: the deformable-attention reference, post-processing,
-padding, batching and the build/weights plumbing."""
+padding, batching, the build/weights plumbing (MODEL.WEIGHTS), which outputs the TEST.*_ON flags
+give, and which classes panoptic inference treats as things (DATASETS.TEST[0], else TRAIN[0])."""
+import logging
 import math
 
 import pytest
@@ -8,7 +10,11 @@ import torch
 import mask2former as m2f
 from mask2former.modeling import postprocessing as post
 from mask2former.modeling.meta_arch import pad_images
+from mask2former.modeling.meta_arch.mask_former import thing_ids_for
 from mask2former.ops import ms_deform_attn, ms_deform_attn_reference
+from tests.conftest import REPO
+
+SYNTHETIC = REPO / "configs" / "synthetic" / "panoptic.yaml"  # a small model, random weights
 
 
 def naive_ms_deform_attn(value, shapes, starts, loc, attw):
@@ -172,15 +178,40 @@ def test_model_weights_are_loaded_by_build_model(panoptic_model, parity_dir):
     assert torch.equal(model.state_dict()[key], torch.from_numpy(ref[key]))
 
 
-def test_batched_equals_single_and_uint8_equals_float(panoptic_model):
+def _assert_same_result(a, b, exact_values: bool):
+    """The README's promise for a list of images: the same segments, classes, masks and boxes;
+    probabilities and scores bitwise equal (``exact_values``) or within float rounding (1e-4)."""
+    assert a.keys() == b.keys()
+    if exact_values:
+        assert torch.equal(a["sem_seg"], b["sem_seg"])
+        assert torch.equal(a["instances"].scores, b["instances"].scores)
+    torch.testing.assert_close(a["sem_seg"], b["sem_seg"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(a["instances"].scores, b["instances"].scores, atol=1e-4, rtol=0)
+    assert a["panoptic_seg"][1] == b["panoptic_seg"][1]
+    assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
+    for field in ("pred_classes", "pred_masks"):
+        assert torch.equal(getattr(a["instances"], field), getattr(b["instances"], field)), field
+    assert torch.equal(a["instances"].pred_boxes.tensor, b["instances"].pred_boxes.tensor)
+
+
+def test_batched_equals_single_and_uint8_equals_float(panoptic_model, monkeypatch):
     _, model = panoptic_model
     g = torch.Generator().manual_seed(0)
     # the first and last share a padded size (64x96) and run as one batch; the middle one alone
     images = [torch.randint(0, 256, (3, 61, 90), generator=g, dtype=torch.uint8),
               torch.randint(0, 256, (3, 77, 50), generator=g, dtype=torch.uint8),
               torch.randint(0, 256, (3, 64, 70), generator=g, dtype=torch.uint8)]
+    batches = []
+    predict_padded = model.predict_padded
+
+    def spy(batch):
+        batches.append(tuple(batch.shape))
+        return predict_padded(batch)
+
+    monkeypatch.setattr(model, "predict_padded", spy)
     with torch.no_grad():
         batched = model([{"image": im, "height": 40, "width": 60} for im in images])
+        assert batches == [(2, 3, 64, 96), (1, 3, 96, 64)]
         single = [model([{"image": im.float(), "height": 40, "width": 60}])[0] for im in images]
     for b, s in zip(batched, single):
         assert b["sem_seg"].shape == (133, 40, 60)
@@ -191,6 +222,11 @@ def test_batched_equals_single_and_uint8_equals_float(panoptic_model):
         assert torch.equal(b["instances"].pred_classes, s["instances"].pred_classes)
         torch.testing.assert_close(b["instances"].scores, s["instances"].scores, atol=1e-4, rtol=0)
         assert b["instances"].pred_masks.shape[-2:] == (40, 60)
+    # an image alone in its padded size runs alone: bitwise its single-image result (uint8 or
+    # float input); the batched pair only up to float rounding, with the same segments
+    _assert_same_result(batched[1], single[1], exact_values=True)
+    for i in (0, 2):
+        _assert_same_result(batched[i], single[i], exact_values=False)
 
 
 def test_decoder_outputs_one_prediction_per_dec_layer(panoptic_model):
@@ -217,3 +253,114 @@ def test_training_mode_without_instances_names_the_sample_and_the_mapper_contrac
         assert losses["loss_mask"].item() == 0 and losses["loss_ce"].item() > 0
     finally:
         model.eval()
+
+
+# ----------------------------------------------------------------------------- build_model and flags
+def _synthetic_cfg(*opts):
+    cfg = m2f.get_cfg()
+    cfg.merge_from_file(str(SYNTHETIC))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+def _float_state(model):
+    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def test_build_model_loads_model_weights_when_the_file_exists(tmp_path, caplog):
+    missing = tmp_path / "no_such_model.pth"
+    # default: a missing file is skipped with a warning naming it (official configs name
+    # ImageNet files such as R-50.pkl that only training needs)
+    with caplog.at_level(logging.WARNING, logger="mask2former"):
+        m2f.build_model(_synthetic_cfg("MODEL.WEIGHTS", str(missing)))
+    assert [r.levelno for r in caplog.records if str(missing) in r.getMessage()] == [logging.WARNING]
+    assert "does not exist" in caplog.text
+    # load_weights=True makes the file required
+    with pytest.raises(FileNotFoundError, match=f"MODEL.WEIGHTS.*{missing.name}"):
+        m2f.build_model(_synthetic_cfg("MODEL.WEIGHTS", str(missing)), load_weights=True)
+
+    # an existing file is loaded: every tensor of the built model is the file's (shifted by 1 so
+    # that no random initialisation can equal it)
+    saved = {k: v + 1 for k, v in _float_state(m2f.build_model(_synthetic_cfg())).items()}
+    path = tmp_path / "model.pth"
+    torch.save({"model": saved}, path)
+    for load_weights in (None, True):
+        loaded = _float_state(m2f.build_model(_synthetic_cfg("MODEL.WEIGHTS", str(path)), load_weights=load_weights))
+        assert loaded.keys() == saved.keys()
+        assert [k for k in saved if not torch.equal(loaded[k], saved[k])] == []
+    untouched = _float_state(m2f.build_model(_synthetic_cfg("MODEL.WEIGHTS", str(path)), load_weights=False))
+    assert all(not torch.equal(untouched[k], saved[k]) for k in saved)
+
+
+@pytest.mark.parametrize("semantic, panoptic, instance", [
+    (s, p, i) for s in (True, False) for p in (True, False) for i in (True, False)])
+def test_outputs_follow_the_test_on_flags(semantic, panoptic, instance):
+    flags = {"sem_seg": semantic, "panoptic_seg": panoptic, "instances": instance}
+    t = "MODEL.MASK_FORMER.TEST."
+    cfg = _synthetic_cfg(t + "SEMANTIC_ON", str(semantic), t + "PANOPTIC_ON", str(panoptic),
+                         t + "INSTANCE_ON", str(instance))
+    if not any(flags.values()):
+        # with nothing on, semantic post-processing is off and the masks must be resized first
+        with pytest.raises(ValueError, match="SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE"):
+            m2f.build_model(cfg)
+        cfg.merge_from_list([t + "SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE", "True"])
+    model = m2f.build_model(cfg).eval()
+    image = torch.randint(0, 256, (3, 40, 56), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    expected = {k for k, on in flags.items() if on}
+    for fast in (True, False):  # the accelerated post-processing and the plain one
+        model.fast_inference = fast
+        with torch.no_grad():
+            out = model([{"image": image, "height": 20, "width": 28}, {"image": image}])
+        assert [set(o) for o in out] == [expected, expected], fast
+        if semantic:
+            assert out[0]["sem_seg"].shape == (5, 20, 28) and out[1]["sem_seg"].shape == (5, 40, 56)
+        if panoptic:
+            assert out[0]["panoptic_seg"][0].shape == (20, 28)
+        if instance:
+            assert out[0]["instances"].image_size == (20, 28)
+
+
+# ----------------------------------------------------------------------------- things and stuff
+@pytest.mark.parametrize("test, train, expected", [
+    (("ade20k_panoptic_val",), ("synthetic_panoptic_train",), "ade20k"),      # TEST[0] first
+    ((), ("ade20k_panoptic_val",), "ade20k"),                                  # else TRAIN[0]
+    (("no_such_dataset_for_things",), ("synthetic_panoptic_train",), {0, 1, 2}),  # unknown TEST[0]
+    (("no_such_dataset_for_things", "synthetic_panoptic_val"), (), None),       # only TEST[0] counts
+    (("no_such_dataset_for_things",), (), None),                               # unknown: all things
+])
+def test_thing_ids_come_from_test_then_train_dataset(test, train, expected):
+    from mask2former.data import MetadataCatalog
+
+    cfg = m2f.get_cfg()
+    cfg.DATASETS.TEST, cfg.DATASETS.TRAIN = test, train
+    if expected == "ade20k":
+        expected = set(MetadataCatalog.get("ade20k_panoptic_val").thing_dataset_id_to_contiguous_id.values())
+        assert len(expected) == 100 and expected != {0, 1, 2}
+    assert thing_ids_for(cfg) == expected
+
+
+def test_unknown_dataset_keeps_same_class_segments_apart():
+    """Two queries of class 3 ("sky", stuff in the synthetic set) over the two halves of the image:
+    merged into one stuff segment when the dataset is known, two thing segments when it is not."""
+    num_queries = 16
+    logits = torch.full((1, num_queries, 6), -10.0)
+    logits[0, :, 5] = 10.0  # "no object"
+    logits[0, :2, 5], logits[0, :2, 3] = -10.0, 10.0
+    masks = torch.full((1, num_queries, 8, 8), -20.0)
+    masks[0, 0, :, :4] = 20.0
+    masks[0, 1, :, 4:] = 20.0
+    outputs = {"pred_logits": logits, "pred_masks": masks}
+    t = "MODEL.MASK_FORMER.TEST."
+    results = {}
+    for name in ("synthetic_panoptic_val", "no_such_dataset_for_things"):
+        cfg = _synthetic_cfg("DATASETS.TEST", f"('{name}',)", "DATASETS.TRAIN", "()", t + "SEMANTIC_ON", "False",
+                             t + "INSTANCE_ON", "False")
+        model = m2f.build_model(cfg).eval()
+        for fast in (True, False):
+            model.fast_inference = fast
+            with torch.no_grad():
+                seg, info = model.postprocess(outputs, [{}], [(32, 32)], (32, 32))[0]["panoptic_seg"]
+            results.setdefault(name, []).append((seg[:, [0, -1]].unique().tolist(), info))
+    assert results["synthetic_panoptic_val"] == 2 * [([1], [{"id": 1, "isthing": False, "category_id": 3}])]
+    assert results["no_such_dataset_for_things"] == 2 * [
+        ([1, 2], [{"id": 1, "isthing": True, "category_id": 3}, {"id": 2, "isthing": True, "category_id": 3}])]

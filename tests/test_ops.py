@@ -282,6 +282,33 @@ def test_missing_compiler_falls_back_with_one_warning(fresh_backend, monkeypatch
     assert not info.compiled and info.describe("cpu") == "reference"
 
 
+def test_forced_reference_runs_the_reference_with_the_library_loaded(op, monkeypatch):
+    """M2F_OPS=reference, set after the compiled library was loaded in this process: the public
+    ms_deform_attn runs the reference (bitwise its result); without it, the compiled kernel."""
+    import sys
+
+    from mask2former.ops.backend import state
+
+    module = sys.modules["mask2former.ops.ms_deform_attn"]  # the package attribute is the function
+    calls = []
+
+    def reference(*args):
+        calls.append(1)
+        return ms_deform_attn_reference(*args)
+
+    monkeypatch.setattr(module, "ms_deform_attn_reference", reference)
+    args = make_inputs(LEVELS[0], dtype=torch.float32)
+    expected = ms_deform_attn_reference(*args)
+    for mode, reference_calls in (("auto", 0), ("reference", 1), ("auto", 0)):
+        monkeypatch.setenv("M2F_OPS", mode)
+        calls.clear()
+        out = ms_deform_attn(*args)
+        assert backend_info().compiled and state.backend_info() is backend_info()  # still loaded
+        assert len(calls) == reference_calls, mode
+        if reference_calls:
+            assert torch.equal(out, expected)
+
+
 def test_compiled_mode_makes_missing_compiler_an_error(fresh_backend, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("M2F_OPS", "compiled")
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))

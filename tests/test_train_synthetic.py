@@ -180,6 +180,10 @@ def test_kill_9_and_resume_with_random_seed_reproduces_the_uninterrupted_run(sma
     _, meta = read_checkpoint(str(run_a / killed_at))
     drawn = meta["seed"]
     assert drawn >= 0
+    # the drawn seed is stated in log.txt (README: "drawn and logged when SEED is negative")
+    log = (run_a / "log.txt").read_text()
+    assert f"Using a randomly drawn seed {drawn} (set SEED {drawn} to repeat this run)" in log
+    assert log.count("Using a randomly drawn seed") == 1
 
     # the resumed run and the uninterrupted one are independent: one thread each, side by side
     run_b = tmp_path / "straight"

@@ -50,8 +50,9 @@ class ToyBackbone(nn.Module):
 
 
 class ToyNet(nn.Module):
-    """Train mode: list of {"x", "y"[, "nan"]} samples -> {"loss_a", "loss_b"}; uses dropout so
-    that resuming must restore the torch RNG."""
+    """Train mode: list of {"x", "y"[, "bad"]} samples -> {"loss_a", "loss_b"}; a sample's "bad"
+    value (NaN, inf, -inf) is added to loss_a. Uses dropout so that resuming must restore the
+    torch RNG."""
 
     def __init__(self):
         super().__init__()
@@ -72,8 +73,9 @@ class ToyNet(nn.Module):
             return [{"pred": o} for o in out]
         y = torch.stack([s["y"] for s in batch])
         loss_a = ((out.float() - y) ** 2).mean()
-        if any(s.get("nan", False) for s in batch):
-            loss_a = loss_a * float("nan")
+        for s in batch:
+            if "bad" in s:
+                loss_a = loss_a + s["bad"]
         return {"loss_a": loss_a, "loss_b": 0.1 * h.float().abs().mean()}
 
 
@@ -81,8 +83,9 @@ class Crash(RuntimeError):
     pass
 
 
-def toy_loader(crash_at=None, nan_at=None, batch=4):
-    """A deterministic infinite loader factory: batch i depends only on i (skip-ahead by start_iter)."""
+def toy_loader(crash_at=None, nan_at=None, batch=4, bad=float("nan")):
+    """A deterministic infinite loader factory: batch i depends only on i (skip-ahead by start_iter);
+    batch ``nan_at`` makes loss_a ``bad``."""
 
     def build(cfg, start_iter):
         def gen():
@@ -93,7 +96,7 @@ def toy_loader(crash_at=None, nan_at=None, batch=4):
                 samples = [{"x": torch.randn(8, generator=g), "y": torch.randn(2, generator=g)}
                            for _ in range(batch)]
                 if nan_at is not None and i == nan_at:
-                    samples[0]["nan"] = True
+                    samples[0]["bad"] = bad
                 yield samples
 
         return gen()
@@ -486,17 +489,42 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     assert t.start_iter == 0
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    t = make_trainer(toy_cfg(tmp_path), loader=toy_loader(nan_at=7))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, bad):
+    t = make_trainer(toy_cfg(tmp_path), loader=toy_loader(nan_at=7, bad=bad))
     with pytest.raises(FloatingPointError) as e:
         t.train()
     msg = str(e.value)
     assert "iteration 7" in msg and "loss_a" in msg and "loss_b" in msg and "model_0000004.pth" in msg
+    assert "non-finite loss_a " in msg and f"loss_a={bad}" in msg
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000004.pth"
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pth")) == ["model_0000004.pth"]
     state, meta = read_checkpoint(tmp_path / "model_0000004.pth")
     assert meta["iteration"] == 4
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_negative_seed_is_drawn_logged_and_checkpointed(tmp_path):
+    """SEED -1: the drawn seed is stated in log.txt, is the one the checkpoint records, and is
+    what a resume continues with (the resumed trainer draws its own and then takes the saved one)."""
+    import re
+
+    from mask2former.engine.defaults import setup_logger
+
+    setup_logger(str(tmp_path))
+    cfg = toy_cfg(tmp_path, MAX_ITER=2, CHECKPOINT_PERIOD=0)
+    cfg.SEED = -1
+    t = make_trainer(cfg)
+    t.train()
+    log = (tmp_path / "log.txt").read_text()
+    drawn = [int(m) for m in re.findall(r"Using a randomly drawn seed (\d+) \(set SEED \1 to repeat this run\)", log)]
+    assert len(drawn) == 1 and f"Rank 0 of 1, seed {drawn[0]}\n" in log
+    _, meta = read_checkpoint(tmp_path / "model_final.pth")
+    assert meta["seed"] == drawn[0] == t.seed
+    t2 = make_trainer(cfg)
+    assert t2.seed != drawn[0]  # a fresh draw (2**-31 chance of a clash)...
+    t2.resume_or_load(resume=True)
+    assert t2.seed == drawn[0]  # ...replaced by the run's seed
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

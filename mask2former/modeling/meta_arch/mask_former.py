@@ -224,8 +224,9 @@ class MaskFormer(nn.Module):
 
     def inference(self, batched_inputs: List[Dict]) -> List[Dict]:
         """Padding changes the features (normalisation statistics, attention over padded pixels),
-        so images are batched only with images of the same padded size: a list of images gives
-        exactly the per-image results."""
+        so images are batched only with images of the same padded size. An image alone in its
+        size gives bitwise its single-image result; in a batch, convolutions and matrix products
+        sum in another order, so values may differ by float rounding (see README, Python API)."""
         images = self.normalize(batched_inputs)
         groups: Dict[Tuple[int, int], List[int]] = {}
         for i, im in enumerate(images):
