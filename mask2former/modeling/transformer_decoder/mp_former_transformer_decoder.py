@@ -3,7 +3,7 @@
 ``MultiScaleMaskedTransformerDecoderMaskDN`` (the official name) differs from
 :class:`MultiScaleMaskedTransformerDecoder` in two ways that show in its state dict:
 
-* no learnable query positions (no ``query_embed.weight``): queries carry no position in attention;
+* no learnable query positions (no ``query_embed.weight``): zero positions in attention;
 * ``label_enc.weight`` (K, C): class embeddings, the content of the MP queries (training only).
 
 In eval mode, or in training without targets or with ``MODEL.DN.NUM_DN`` 0, it computes exactly
@@ -102,7 +102,10 @@ class MultiScaleMaskedTransformerDecoderMaskDN(MultiScaleMaskedTransformerDecode
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def query_positions(self, bs):
-        return None
+        # zeros rather than none: attention then computes as Mask2Former's does with zero query
+        # positions (queries and keys apart from values), so that with NUM_DN 0 a training step
+        # is Mask2Former's bitwise; with none it would fuse the projections and round differently
+        return self.query_feat.weight.new_zeros((self.num_queries, bs, self.query_feat.weight.shape[1]))
 
     def forward(self, x, mask_features, mask=None, targets=None):
         layout = None
@@ -118,7 +121,7 @@ class MultiScaleMaskedTransformerDecoderMaskDN(MultiScaleMaskedTransformerDecode
         queries = torch.cat([self.mp_queries(targets, layout, bs), self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)])
         pilot = self.pilot(targets, layout, sizes, bs)
         self_mask = mp.self_attention_mask(layout, self.num_queries, mask_features.device)
-        predictions = self.decode(queries, None, src, pos, sizes, mask_features, self_mask, pilot)
+        predictions = self.decode(queries, torch.zeros_like(queries), src, pos, sizes, mask_features, self_mask, pilot)
         p = layout.pad_size
         out = self.output_dict([(logits[:, p:], masks[:, p:], None) for logits, masks, _ in predictions])
         out["dn_out"] = {**self.output_dict([(logits[:, :p], masks[:, :p], None) for logits, masks, _ in predictions]),
