@@ -112,7 +112,11 @@ class MultiScaleMaskedTransformerDecoderMaskDN(MultiScaleMaskedTransformerDecode
         if self.training and targets is not None:
             layout = mp.mp_layout([len(t["labels"]) for t in targets], self.num_dn, mask_features.device)
         if layout is None:
-            return super().forward(x, mask_features, mask)
+            out = super().forward(x, mask_features, mask)
+            if self.training:  # as the official decoder: label_enc gets a (zero) gradient in every
+                # step, which DistributedDataParallel (find_unused_parameters False) requires
+                out["pred_logits"] = out["pred_logits"] + self.label_enc.weight[0, 0] * 0.0
+            return out
         if self.dn_mode not in mp.IMPLEMENTED_MODES:
             raise NotImplementedError(f"MODEL.MASK_FORMER.DN_MODE {self.dn_mode!r} is not implemented; "
                                       f"implemented: {list(mp.IMPLEMENTED_MODES)} ('points' is the released setting)")
