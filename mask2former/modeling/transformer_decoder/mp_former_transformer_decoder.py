@@ -16,6 +16,13 @@ A Mask2Former checkpoint loads into it: its ``query_embed.weight`` is dropped wi
 decoder has nothing to put it in, so the outputs change and fine-tuning adapts to that), and
 ``label_enc`` keeps its initialisation. The official code hard-codes 8 attention heads when it
 builds the MP attention masks; here they follow NHEADS.
+
+"shift" mode differs from the official code where that code cannot be what was meant: there, from
+the second layer on, the bool MP masks are written into the sigmoid probabilities and thresholded
+with ``< 0.5`` again, which inverts them (MP queries attend everywhere except their mask); here
+they attend to their shifted mask in every layer. The official shift mode also fails on bool
+ground-truth masks (nearest interpolation of bool) and with NOISE_SCALE 0 (no masks are built);
+here NOISE_SCALE 0 gives the nearest-resized ground truth.
 """
 import logging
 
