@@ -46,9 +46,9 @@ def small_synthetic(tmp_path_factory):
     return root, names
 
 
-def make_cfg(names, output_dir, max_iter, **overrides):
+def make_cfg(names, output_dir, max_iter, config=CONFIG, **overrides):
     cfg = m2f.get_cfg()
-    cfg.merge_from_file(str(CONFIG))
+    cfg.merge_from_file(str(config))
     opts = {
         "DATASETS.TRAIN": (names["train"],), "DATASETS.TEST": (names["val"],),
         "SOLVER.MAX_ITER": max_iter, "SOLVER.IMS_PER_BATCH": 2, "SOLVER.CHECKPOINT_PERIOD": 10,
