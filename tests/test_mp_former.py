@@ -309,7 +309,8 @@ def test_direct_assignment_losses_equal_a_hand_computation():
                {"labels": torch.tensor([1]), "masks": torch.rand(1, h, h, generator=g) > 0.5}]
 
     def layer(q):
-        return {"pred_logits": torch.randn(n, q, k + 1, generator=g), "pred_masks": torch.randn(n, q, h, h, generator=g)}
+        return {"pred_logits": torch.randn(n, q, k + 1, generator=g),
+                "pred_masks": torch.randn(n, q, h, h, generator=g)}
     dn = {**layer(4), "aux_outputs": [layer(4)], "layout": mp_layout([2, 1], 2)}
     outputs = {**layer(3), "aux_outputs": [layer(3)], "dn_out": dn}
     crit = SetCriterion(k, weight_dict={"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}, eos_coef=0.1,

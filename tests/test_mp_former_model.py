@@ -4,7 +4,6 @@ fail naming the key; the MP configs hold the released setting and the DN_query c
 official values; three training iterations of configs/synthetic/panoptic_mp.yaml.
 
 Models are the synthetic configs shrunk (32 channels, 6 queries, a thin ResNet-50, 64x64 images)."""
-import ast
 import json
 import logging
 import math
@@ -209,10 +208,11 @@ def test_mp_configs_build_the_released_setting_over_their_base(path):
     assert {k for k in ours if ours[k] != theirs[k]} - {"OUTPUT_DIR"} <= MP_KEYS
 
 
-# the keys MP-Former's DN_query files set beyond Mask2Former's R50 file, all four files
-DN_QUERY = {"12ep": ("(73750, 81125)", 88500), "24ep": ("(162250, 169625)", 177000),
-            "36ep": ("(245000, 260000)", 265500), "50ep": ("(327778, 355092)", 368750)}
-OFFICIAL_REPO = Path("/work/.mirror/IDEA-Research+MP-Former/repo")
+# SOLVER.STEPS and MAX_ITER of MP-Former's four DN_query files (50ep: those of its base)
+DN_QUERY = {"12ep": ((73750, 81125), 88500), "24ep": ((162250, 169625), 177000),
+            "36ep": ((245000, 260000), 265500), "50ep": ((327778, 355092), 368750)}
+# a git mirror of IDEA-Research/MP-Former, where there is one: the whole official files are compared
+OFFICIAL_REPO = Path(os.environ.get("MP_FORMER_OFFICIAL_REPO", "/work/.mirror/IDEA-Research+MP-Former/repo"))
 
 
 def official_config(rel, root):
@@ -239,7 +239,7 @@ def test_dn_query_configs_hold_the_official_values(schedule, tmp_path):
     ours = _flat(_load(rel))
     steps, max_iter = DN_QUERY[schedule]
     assert (ours["SOLVER.STEPS"], ours["SOLVER.MAX_ITER"], ours["SOLVER.BASE_LR"]) == (
-        list(ast.literal_eval(steps)), max_iter, 0.0001)
+        list(steps), max_iter, 0.0001)
     assert (ours["MODEL.DN.NUM_DN"], ours["MODEL.DN.NOISE_SCALE"]) == (5, 0.2)
     assert ours["MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME"] == "MultiScaleMaskedTransformerDecoder"
     if not (OFFICIAL_REPO / "HEAD").exists():
