@@ -12,9 +12,12 @@ import mask2former as m2f
 from tests.conftest import PARITY_MANIFESTS, REPO
 
 
-def build_from_official_path(config_path, device="meta"):
+def build_from_official_path(config_path, device="meta", overrides=None):
+    """The model of our config at ``config_path``, then ``overrides`` ({key: value}, a manifest's
+    "overrides": the options of the released run script) merged."""
     cfg = m2f.get_cfg()
     cfg.merge_from_file(str(REPO / config_path))
+    cfg.merge_from_list([x for kv in (overrides or {}).items() for x in kv])
     cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", device])
     if device == "meta":
         with torch.device("meta"):

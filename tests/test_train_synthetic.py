@@ -33,10 +33,12 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def small_synthetic(tmp_path_factory):
     """A 24/4-image copy of the synthetic dataset under its own names."""
-    root = synthetic.ensure_synthetic_dataset(str(tmp_path_factory.mktemp("ds")), splits={"train": 24, "val": 4})
+    where = tmp_path_factory.mktemp("ds")
+    root = synthetic.ensure_synthetic_dataset(str(where), splits={"train": 24, "val": 4})
     names = {}
     for split in ("train", "val"):
-        name = f"synthetic_small_{split}_{os.getpid()}"
+        # one name per copy: another test module (test_mp_former_model) makes its own copy
+        name = f"synthetic_small_{split}_{os.getpid()}_{where.name}"
         if name not in DatasetCatalog:
             p = synthetic.split_paths(root, split)
             register_coco_panoptic(name, synthetic.metadata(), p["image_root"], p["panoptic_root"],
@@ -46,9 +48,9 @@ def small_synthetic(tmp_path_factory):
     return root, names
 
 
-def make_cfg(names, output_dir, max_iter, **overrides):
+def make_cfg(names, output_dir, max_iter, config=CONFIG, **overrides):
     cfg = m2f.get_cfg()
-    cfg.merge_from_file(str(CONFIG))
+    cfg.merge_from_file(str(config))
     opts = {
         "DATASETS.TRAIN": (names["train"],), "DATASETS.TEST": (names["val"],),
         "SOLVER.MAX_ITER": max_iter, "SOLVER.IMS_PER_BATCH": 2, "SOLVER.CHECKPOINT_PERIOD": 10,

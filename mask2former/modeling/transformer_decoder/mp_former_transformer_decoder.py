@@ -3,7 +3,7 @@
 ``MultiScaleMaskedTransformerDecoderMaskDN`` (the official name) differs from
 :class:`MultiScaleMaskedTransformerDecoder` in two ways that show in its state dict:
 
-* no learnable query positions (no ``query_embed.weight``): queries carry no position in attention;
+* no learnable query positions (no ``query_embed.weight``): zero positions in attention;
 * ``label_enc.weight`` (K, C): class embeddings, the content of the MP queries (training only).
 
 In eval mode, or in training without targets or with ``MODEL.DN.NUM_DN`` 0, it computes exactly
@@ -16,6 +16,13 @@ A Mask2Former checkpoint loads into it: its ``query_embed.weight`` is dropped wi
 decoder has nothing to put it in, so the outputs change and fine-tuning adapts to that), and
 ``label_enc`` keeps its initialisation. The official code hard-codes 8 attention heads when it
 builds the MP attention masks; here they follow NHEADS.
+
+"shift" mode differs from the official code where that code cannot be what was meant: there, from
+the second layer on, the bool MP masks are written into the sigmoid probabilities and thresholded
+with ``< 0.5`` again, which inverts them (MP queries attend everywhere except their mask); here
+they attend to their shifted mask in every layer. The official shift mode also fails on bool
+ground-truth masks (nearest interpolation of bool) and with NOISE_SCALE 0 (no masks are built);
+here NOISE_SCALE 0 gives the nearest-resized ground truth.
 """
 import logging
 
@@ -102,14 +109,21 @@ class MultiScaleMaskedTransformerDecoderMaskDN(MultiScaleMaskedTransformerDecode
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def query_positions(self, bs):
-        return None
+        # zeros rather than none: attention then computes as Mask2Former's does with zero query
+        # positions (queries and keys apart from values), so that with NUM_DN 0 a training step
+        # is Mask2Former's bitwise; with none it would fuse the projections and round differently
+        return self.query_feat.weight.new_zeros((self.num_queries, bs, self.query_feat.weight.shape[1]))
 
     def forward(self, x, mask_features, mask=None, targets=None):
         layout = None
         if self.training and targets is not None:
             layout = mp.mp_layout([len(t["labels"]) for t in targets], self.num_dn, mask_features.device)
         if layout is None:
-            return super().forward(x, mask_features, mask)
+            out = super().forward(x, mask_features, mask)
+            if self.training:  # as the official decoder: label_enc gets a (zero) gradient in every
+                # step, which DistributedDataParallel (find_unused_parameters False) requires
+                out["pred_logits"] = out["pred_logits"] + self.label_enc.weight[0, 0] * 0.0
+            return out
         if self.dn_mode not in mp.IMPLEMENTED_MODES:
             raise NotImplementedError(f"MODEL.MASK_FORMER.DN_MODE {self.dn_mode!r} is not implemented; "
                                       f"implemented: {list(mp.IMPLEMENTED_MODES)} ('points' is the released setting)")
@@ -118,7 +132,7 @@ class MultiScaleMaskedTransformerDecoderMaskDN(MultiScaleMaskedTransformerDecode
         queries = torch.cat([self.mp_queries(targets, layout, bs), self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)])
         pilot = self.pilot(targets, layout, sizes, bs)
         self_mask = mp.self_attention_mask(layout, self.num_queries, mask_features.device)
-        predictions = self.decode(queries, None, src, pos, sizes, mask_features, self_mask, pilot)
+        predictions = self.decode(queries, torch.zeros_like(queries), src, pos, sizes, mask_features, self_mask, pilot)
         p = layout.pad_size
         out = self.output_dict([(logits[:, p:], masks[:, p:], None) for logits, masks, _ in predictions])
         out["dn_out"] = {**self.output_dict([(logits[:, :p], masks[:, :p], None) for logits, masks, _ in predictions]),
