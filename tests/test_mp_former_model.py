@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import mask2former as m2f
+from mask2former.accel import plain_type
 from mask2former.modeling.criterion import build_criterion
 from mask2former.structures import Instances
 from tests.conftest import REPO, require_shared
@@ -118,7 +119,7 @@ def test_inference_is_mask2formers_bitwise(twins):
 def test_released_checkpoint_manifest_loads_clean(parity_dir):
     spec = json.loads(require_shared(parity_dir / "mpformer" / "manifest_mpformer_coco_instance_R50.json").read_text())
     model = build_from_official_path(spec["config"], overrides=spec["overrides"])
-    assert type(model.sem_seg_head.predictor).__name__ == "MultiScaleMaskedTransformerDecoderMaskDN"
+    assert plain_type(model.sem_seg_head.predictor).__name__ == "MultiScaleMaskedTransformerDecoderMaskDN"
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert sorted(set(ours) ^ set(spec["keys"])) == []
     assert {k: v for k, v in ours.items() if v != list(spec["keys"][k])} == {}
@@ -200,7 +201,7 @@ def test_every_family_has_an_mp_config():
 def test_mp_configs_build_the_released_setting_over_their_base(path):
     model = build_from_official_path(path)
     dec = model.sem_seg_head.predictor
-    assert type(dec).__name__ == "MultiScaleMaskedTransformerDecoderMaskDN"
+    assert plain_type(dec).__name__ == "MultiScaleMaskedTransformerDecoderMaskDN"
     assert {k: getattr(dec, k) for k in RELEASED} == RELEASED
     assert model.criterion.mp_losses and "loss_ce_dn_0" in model.criterion.weight_dict
     base = yaml.safe_load((REPO / path).read_text())["_BASE_"]

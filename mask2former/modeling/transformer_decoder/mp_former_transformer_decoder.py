@@ -12,9 +12,10 @@ queries (:mod:`.mask_piloting`) and returns, beside the matching queries' output
 ``{"pred_logits" (N, P, K+1), "pred_masks" (N, P, H/4, W/4), "aux_outputs", "layout"}`` for the
 P MP slots, which the criterion assigns directly to their objects.
 
-A Mask2Former checkpoint loads into it: its ``query_embed.weight`` is dropped with a log line (the
-decoder has nothing to put it in, so the outputs change and fine-tuning adapts to that), and
-``label_enc`` keeps its initialisation. The official code hard-codes 8 attention heads when it
+A Mask2Former checkpoint loads into it: its ``query_embed.weight`` has no place here and is not
+loaded (``load_checkpoint``/MODEL.WEIGHTS reports it as unexpected, ``load_state_dict`` drops it with
+a log line), so the outputs change and fine-tuning adapts to that; ``label_enc`` keeps its
+initialisation (``load_checkpoint`` reports it missing). The official code hard-codes 8 attention heads when it
 builds the MP attention masks; here they follow NHEADS.
 
 "shift" mode differs from the official code where that code cannot be what was meant: there, from
