@@ -27,9 +27,10 @@ from mask2former.modeling.backbone.swin import (
     shifted_window_mask,
 )
 from mask2former.utils.registry import BACKBONE_REGISTRY
+from tests.conftest import PARITY
 
-PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
-needs_parity = pytest.mark.skipif(not PARITY.is_dir(), reason="shared parity data not available")
+# the parity_dir fixture skips without ../shared, and fails under CI=true
+needs_parity = pytest.mark.usefixtures("parity_dir")
 
 
 def load_cfg(name: str) -> CfgNode:

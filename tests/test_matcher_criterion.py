@@ -14,6 +14,7 @@ from mask2former.layers.point_features import (
 )
 from mask2former.modeling.criterion import SetCriterion, build_criterion
 from mask2former.modeling.matcher import HungarianMatcher
+from tests.conftest import require_shared
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -359,8 +360,7 @@ def test_num_masks_is_averaged_over_workers(tmp_path):
 # ---- model training path --------------------------------------------------------------------
 def tiny_model(num_points=64):
     cfg_path = SHARED / "parity" / "tiny_panoptic.yaml"
-    if not cfg_path.is_file():
-        pytest.skip(f"tiny model config not found at {cfg_path} (../shared beside the checkout)")
+    require_shared(cfg_path)
     import mask2former as m2f
 
     cfg = m2f.get_cfg()

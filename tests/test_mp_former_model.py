@@ -257,6 +257,16 @@ def test_dn_query_configs_equal_the_official_files(schedule, tmp_path):
     assert len(keys) > 40 and {k: (official[k], ours[k]) for k in keys if ours[k] != official[k]} == {}
 
 
+def test_mp_defaults_are_the_official_ones():
+    """The values of IDEA-Research/MP-Former's add_maskformer2_config (config.py at a71f504)."""
+    cfg = m2f.get_cfg()
+    mf = cfg.MODEL.MASK_FORMER
+    assert (cfg.MODEL.DN.NUM_DN, cfg.MODEL.DN.NOISE_SCALE) == (5, 0.2)
+    assert (mf.DN_MODE, mf.HEAD_DN, mf.ALL_LY_DN, mf.DN_RATIO, mf.DN_NO_LB, mf.LB_NOISE_RATIO, mf.LAST_Q_RATIO) == (
+        "base", False, False, 0.5, False, -1.0, 0.0)
+    assert (cfg.SOLVER.INSTANT_DROP, cfg.SOLVER.DROP_EP) == (False, 0)
+
+
 def test_tiny_parity_dump_loads_with_every_value(parity_dir):
     path = require_shared(parity_dir / "mpformer" / "tiny_mpformer_instance.yaml")
     cfg = m2f.get_cfg()

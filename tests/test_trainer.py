@@ -30,6 +30,7 @@ from mask2former.solver import (
     build_optimizer,
     get_optimizer_param_groups,
 )
+from tests.conftest import require_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -688,8 +689,8 @@ def test_metrics_json_is_pruned_on_resume(tmp_path):
 def test_tensorboard_scalars_after_resume(tmp_path):
     """Read back with TensorBoard's own reader, each step of a resumed run appears once with the
     value in metrics.json: purge_step drops the interrupted run's steps past its checkpoint."""
-    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
-                                 reason="tensorboard is not installed (the 'tensorboard' extra): no events to read")
+    ea_mod = require_module("tensorboard.backend.event_processing.event_accumulator",
+                            "pip install -e '.[tensorboard]' (included in the dev extra)")
     straight, resumed = _interrupted_then_resumed(tmp_path, tensorboard=True)
     assert len([f for f in os.listdir(resumed) if f.startswith("events.out.tfevents")]) == 2
     acc = ea_mod.EventAccumulator(str(resumed), size_guidance={ea_mod.SCALARS: 0})

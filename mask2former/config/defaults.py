@@ -329,7 +329,7 @@ MASKFORMER2_DEFAULTS = {
             # only in training. DN_MODE: how the ground-truth masks of the MP queries are noised
             # ("points": random pixel flips, the released setting; "shift": the mask translated).
             # HEAD_DN: independent noise per attention head. ALL_LY_DN: MP attention masks in every
-            # layer (else the first three). LB_NOISE_RATIO: fraction of MP class labels replaced
+            # layer (else in the first four). LB_NOISE_RATIO: fraction of MP class labels replaced
             # by a random class (<= 0: none). DN_NO_LB: no classification loss on MP queries.
             # DN_RATIO is read only by official modes not implemented here ("patch", "points_MAE").
             # LAST_Q_RATIO is read only by the official MaskDNLYSmooth decoder, not implemented here.

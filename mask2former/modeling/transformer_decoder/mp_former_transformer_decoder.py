@@ -155,7 +155,8 @@ class MultiScaleMaskedTransformerDecoderMaskDN(MultiScaleMaskedTransformerDecode
     def pilot(self, targets, layout: mp.MPLayout, sizes, bs: int):
         """The ``decode`` hook that puts the MP slots' attention masks (noised ground truth at the
         level of layer j) into the attention mask layer j reads: for every layer with ALL_LY_DN,
-        else for the first three and the learnable-query prediction's."""
+        else for the first four (j <= 3; the official code pilots the learnable-query prediction's
+        mask and those of the first three layers' outputs)."""
         gt = [t["masks"] for t in targets]
         if self.dn_mode == "shift":
             static = mp.level_masks_for_shift(targets, sizes, layout.num_groups, self.noise_scale)
