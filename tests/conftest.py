@@ -92,6 +92,18 @@ def ops_info_cli() -> subprocess.CompletedProcess:
     return run_python(["-m", "mask2former.ops", "info"], M2F_OPS_CPU_ISA="generic")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``):
+    small tensors, where thread start-up dominates, on a machine shared with other runs."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def parity_dir() -> Path:
     """../shared/parity: tiny_<name>.{yaml,pkl,_io.npz}, manifest_*.json."""

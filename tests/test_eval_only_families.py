@@ -216,15 +216,19 @@ def test_eval_only_coco_panoptic_with_sem_seg(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_only_coco_instances(tmp_path):
-    cfg_file = _config("coco", "instance")
-    root, opts, preds = _setup(tmp_path, "coco", cfg_file, ["coco_2017_val"])
-    things = [c for c in _categories("coco_panoptic") if c["isthing"]]
-    insts = tl.instance_gt(preds, [c["id"] for c in things])
-    tl.write_annotations(root, "coco", [dict(inst=i) for i in insts], inst_categories=things)
+@pytest.mark.parametrize("family,test_set,categories", [
+    ("coco", "coco_2017_val", "coco_panoptic"),  # the thing classes of COCO panoptic
+    ("ade20k", "ade20k_instance_val", "ade20k_instance_100"),
+])
+def test_eval_only_instances(tmp_path, family, test_set, categories):
+    cfg_file = _config(family, "instance")
+    root, opts, preds = _setup(tmp_path, family, cfg_file, [test_set])
+    cats = [c for c in _categories(categories) if c.get("isthing", 1)]
+    insts = tl.instance_gt(preds, [c["id"] for c in cats])
+    tl.write_annotations(root, family, [dict(inst=i) for i in insts], inst_categories=cats)
     res, _ = _eval_only(tmp_path, cfg_file, opts)
     assert list(res) == ["segm"]
-    names = {c["id"]: c["name"] for c in things}
+    names = {c["id"]: c["name"] for c in cats}
     _check(res["segm"], _segm_names(names.values()), _ap_expected(insts, names))
 
 
@@ -273,19 +277,6 @@ def test_eval_only_ade20k_panoptic_and_semantic(tmp_path):
     # AP per class under the panoptic dataset's class names (ADE20K-150's, not the instance json's)
     things = {c["id"]: c["name"] for c in cats if c["isthing"]}
     _check(pan["segm"], _segm_names(things.values()), _ap_expected(insts, things))
-
-
-@pytest.mark.slow
-def test_eval_only_ade20k_instances(tmp_path):
-    cfg_file = _config("ade20k", "instance")
-    root, opts, preds = _setup(tmp_path, "ade20k", cfg_file, ["ade20k_instance_val"])
-    cats = _categories("ade20k_instance_100")
-    insts = tl.instance_gt(preds, [c["id"] for c in cats])
-    tl.write_annotations(root, "ade20k", [dict(inst=i) for i in insts], inst_categories=cats)
-    res, _ = _eval_only(tmp_path, cfg_file, opts)
-    assert list(res) == ["segm"]
-    names = {c["id"]: c["name"] for c in cats}
-    _check(res["segm"], _segm_names(names.values()), _ap_expected(insts, names))
 
 
 @pytest.mark.slow

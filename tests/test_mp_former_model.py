@@ -23,7 +23,9 @@ from mask2former.structures import Instances
 from tests.conftest import REPO, require_shared
 from tests.test_config import _flat, _load
 from tests.test_manifests import build_from_official_path
-from tests.test_train_synthetic import NoEvalTrainer, _one_thread, make_cfg, small_synthetic  # noqa: F401 (fixtures)
+from tests.test_train_synthetic import NoEvalTrainer, make_cfg, small_synthetic  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SYNTHETIC = REPO / "configs" / "synthetic"
 LABEL_ENC = "sem_seg_head.predictor.label_enc.weight"
