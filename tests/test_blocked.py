@@ -7,7 +7,7 @@ from mask2former.accel import set_fast_inference, verified
 from mask2former.accel.cpu import blocked
 from mask2former.accel.cpu import resnet as accel_resnet
 from mask2former.ops import frozen_bn_act_compiled
-from test_frozen_bn_act import resnet
+from tests.test_frozen_bn_act import resnet
 from tests.conftest import require_compiled_cpu_ops
 
 

@@ -20,7 +20,7 @@ import mask2former
 from mask2former.config import CfgNode, UnsafeConfigError, get_cfg
 from mask2former.config.safe_eval import MAX_ITEMS, SafeEvalError, safe_eval
 from mask2former.config.safe_yaml import load_config_yaml
-from test_config import CONFIGS, REPO, _flat, _load, _norm, _write
+from tests.test_config import CONFIGS, REPO, _flat, _load, _norm, _write
 
 SLOW_LIMIT_S = 20  # a refused hostile expression must fail fast; generous for a loaded machine
 

@@ -285,7 +285,7 @@ def test_detectron2_build_model_matches_ours_and_official(d2, parity_dir, name):
     from detectron2.modeling import Backbone
     from detectron2.structures import Boxes, Instances
 
-    from test_parity import PIXEL_AGREEMENT, PROB_TOL, canonical_panoptic, parity_cases, same_partition
+    from tests.test_parity import PIXEL_AGREEMENT, PROB_TOL, canonical_panoptic, parity_cases, same_partition
 
     _, model, ours = _build_both(parity_dir, name)
     assert isinstance(model.backbone, Backbone)

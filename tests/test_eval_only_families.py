@@ -38,7 +38,7 @@ import pytest
 import torch
 from PIL import Image
 
-import tiny_layouts as tl
+from tests import tiny_layouts as tl
 from tests.conftest import skip_or_fail_in_ci
 from mask2former import get_cfg
 from mask2former.data import build_mapper

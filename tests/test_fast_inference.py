@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_parity import (MODELS, PIXEL_AGREEMENT, PROB_TOL, build_parity_model, canonical_panoptic, parity_cases,
-                         parity_file)
+from tests.test_parity import (MODELS, PIXEL_AGREEMENT, PROB_TOL, build_parity_model, canonical_panoptic, parity_cases,
+                               parity_file)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -384,7 +384,7 @@ def test_full_width_r50_fast_path_is_bitwise_plain():
     import mask2former as m2f
     from mask2former.accel import verified
     from mask2former.accel.cpu import blocked
-    from test_frozen_bn_act import randomise_frozen_bn
+    from tests.test_frozen_bn_act import randomise_frozen_bn
 
     cfg = m2f.get_cfg()
     cfg.merge_from_file(str(REPO_ROOT / "configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml"))
