@@ -187,11 +187,11 @@ class SetCriterion(nn.Module):
     def mask_piloted_losses(self, outputs: Dict, targets: Sequence[Dict], num_masks: float) -> Dict[str, torch.Tensor]:
         """MP-Former's losses of the MP queries, every layer, by direct assignment."""
         dn = outputs.get("dn_out")
-        layers = [("", dn)] + [(f"_{i}", aux) for i, aux in enumerate(dn["aux_outputs"])] if dn is not None else []
         if dn is None:  # nothing was piloted: zeros under the same names
             zero = torch.zeros((), device=outputs["pred_logits"].device)
             names = [""] + [f"_{i}" for i in range(len(outputs.get("aux_outputs", [])))]
             return {f"{k}_dn{n}": zero for n in names for k in ("loss_ce", "loss_mask", "loss_dice")}
+        layers = [("", dn)] + [(f"_{i}", aux) for i, aux in enumerate(dn["aux_outputs"])]
         layout = dn["layout"]
         matches = layout.matches([len(t["labels"]) for t in targets])
         losses = {}
