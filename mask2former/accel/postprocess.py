@@ -13,9 +13,10 @@ from torch.nn import functional as F
 
 from ..modeling import postprocessing as post
 from ..modeling.meta_arch.mask_former import MaskFormer
+from ..modeling.meta_arch.semask_mask_former import SeMaskMaskFormer
 from .core import accelerates, inference_active
 
-__all__ = ["SelectedPostprocessing", "FastMaskFormer"]
+__all__ = ["SelectedPostprocessing", "FastMaskFormer", "FastSeMaskMaskFormer"]
 
 
 class SelectedPostprocessing:
@@ -64,4 +65,9 @@ class SelectedPostprocessing:
 
 @accelerates(MaskFormer)
 class FastMaskFormer(SelectedPostprocessing, MaskFormer):
+    pass
+
+
+@accelerates(SeMaskMaskFormer)
+class FastSeMaskMaskFormer(SelectedPostprocessing, SeMaskMaskFormer):
     pass

@@ -340,6 +340,8 @@ MASKFORMER2_DEFAULTS = {
             "DN_RATIO": 0.5,
             "DN_NO_LB": False,
             "LB_NOISE_RATIO": -1.0,
+            # SeMask: weight of the per-pixel cross-entropy on the backbone's semantic priors (loss_cate)
+            "CATE_WEIGHT": 0.4,
         },
         # MP-Former: NUM_DN groups of MP queries (>= 100: a budget of queries, NUM_DN // most
         # ground-truth objects of an image in the batch); NOISE_SCALE: strength of the mask noise.
@@ -369,6 +371,10 @@ MASKFORMER2_DEFAULTS = {
             "PATCH_NORM": True,
             "OUT_FEATURES": ["res2", "res3", "res4", "res5"],
             "USE_CHECKPOINT": False,
+            # SeMask (D2SeMaskSwinTransformer): the window of the semantic attention after each
+            # stage and the number of semantic-attention blocks per stage (SeMask-Mask2Former's keys)
+            "SEM_WINDOW_SIZE": 7,
+            "NUM_SEM_BLOCKS": 1,
         },
     },
 }

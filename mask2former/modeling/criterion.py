@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from ..layers.point_features import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
 from .matcher import HungarianMatcher
 
-__all__ = ["SetCriterion", "build_criterion", "sigmoid_ce_loss", "dice_loss"]
+__all__ = ["SetCriterion", "build_criterion", "sigmoid_ce_loss", "dice_loss", "semantic_prior_loss"]
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -55,6 +55,29 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> 
     inter = (probs * targets).sum(1)
     total = probs.sum(1) + targets.sum(1)
     return (1 - (2 * inter + 1) / (total + 1)).sum() / num_masks
+
+
+def semantic_prior_loss(logits: torch.Tensor, labels: Sequence[torch.Tensor], ignore_value: int) -> torch.Tensor:
+    """SeMask's ``loss_cate``: per-pixel cross-entropy of prior logits (N, K, H, W) against each
+    image's label map (h_i, w_i) (int, ``ignore_value`` = unlabelled), which is padded bottom/right
+    with ``ignore_value`` to (H, W); the mean over labelled pixels of the batch (0 when none is)."""
+    n, k, h, w = logits.shape
+    if len(labels) != n:
+        raise ValueError(f"semantic_prior_loss: {n} prior maps but {len(labels)} label maps")
+    target = torch.full((n, h, w), ignore_value, dtype=torch.int64, device=logits.device)
+    for i, lab in enumerate(labels):
+        lh, lw = lab.shape[-2:]
+        if lab.dim() != 2 or lh > h or lw > w:
+            raise ValueError(f"semantic_prior_loss: label map {i} has shape {tuple(lab.shape)}; expected (h, w) "
+                             f"within the padded batch size {h}x{w}")
+        target[i, :lh, :lw] = lab.to(logits.device)
+    valid = target[target != ignore_value]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= k):
+        raise ValueError(f"semantic_prior_loss: labels must lie in [0, {k}) or equal the ignore value {ignore_value}; "
+                         f"got min {int(valid.min())}, max {int(valid.max())}")
+    if not valid.numel():  # the official mean over no pixel is NaN, which would stop training
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits.float(), target, ignore_index=ignore_value)
 
 
 def _dist_world_size() -> int:

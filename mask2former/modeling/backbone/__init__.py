@@ -1,9 +1,10 @@
-"""Backbones. Importing this package registers ``build_resnet_backbone`` and ``D2SwinTransformer``
-in BACKBONE_REGISTRY."""
+"""Backbones. Importing this package registers ``build_resnet_backbone``, ``D2SwinTransformer`` and
+``D2SeMaskSwinTransformer`` in BACKBONE_REGISTRY."""
 from ...layers import ShapeSpec
 from ...utils.registry import BACKBONE_REGISTRY
 from .backbone import Backbone
 from .resnet import ResNet, build_resnet_backbone, build_resnet_deeplab_backbone
+from .semask_swin import D2SeMaskSwinTransformer
 from .swin import D2SwinTransformer
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "build_resnet_backbone",
     "build_resnet_deeplab_backbone",
     "D2SwinTransformer",
+    "D2SeMaskSwinTransformer",
     "build_backbone",
 ]
 

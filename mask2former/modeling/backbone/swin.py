@@ -12,7 +12,7 @@ padded tokens take part in attention), shifted windows use a -100 additive mask,
 pads odd sizes and concatenates (even row, even col), (odd, even), (even, odd), (odd, odd).
 """
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint
@@ -199,7 +199,8 @@ class BasicLayer(nn.Module):
         )
         self.downsample = downsample(dim=dim, norm_layer=norm_layer) if downsample is not None else None
 
-    def forward(self, x: torch.Tensor, H: int, W: int):
+    def forward_blocks(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """The stage's transformer blocks: (B, H*W, C) -> (B, H*W, C)."""
         ws = self.window_size
         Hp, Wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
         attn_mask = shifted_window_mask(Hp, Wp, ws, self.shift_size, device=x.device)
@@ -208,9 +209,17 @@ class BasicLayer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(blk, x, H, W, attn_mask, use_reentrant=False)
             else:
                 x = blk(x, H, W, attn_mask)
+        return x
+
+    def downsample_tokens(self, x: torch.Tensor, H: int, W: int):
+        """The next stage's input: (tokens, H', W') after patch merging (the same tokens at the last stage)."""
         if self.downsample is None:
-            return x, x, H, W
-        return x, self.downsample(x, H, W), (H + 1) // 2, (W + 1) // 2
+            return x, H, W
+        return self.downsample(x, H, W), (H + 1) // 2, (W + 1) // 2
+
+    def forward(self, x: torch.Tensor, H: int, W: int):
+        x = self.forward_blocks(x, H, W)
+        return (x, *self.downsample_tokens(x, H, W))
 
 
 class PatchEmbed(nn.Module):
@@ -272,12 +281,12 @@ class D2SwinTransformer(Backbone):
         dpr = [v.item() for v in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
         self.num_features = [int(embed_dim * 2**i) for i in range(self.num_layers)]
         self.layers = nn.ModuleList(
-            BasicLayer(self.num_features[i], depths[i], num_heads[i], window_size=window_size,
-                       mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
-                       attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
-                       norm_layer=norm_layer,
-                       downsample=PatchMerging if i < self.num_layers - 1 else None,
-                       use_checkpoint=use_checkpoint)
+            self.build_stage(i, dim=self.num_features[i], depth=depths[i], num_heads=num_heads[i],
+                             window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                             drop=drop_rate, attn_drop=attn_drop_rate,
+                             drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=norm_layer,
+                             downsample=PatchMerging if i < self.num_layers - 1 else None,
+                             use_checkpoint=use_checkpoint)
             for i in range(self.num_layers)
         )
         for i, ch in enumerate(self.num_features):
@@ -290,6 +299,10 @@ class D2SwinTransformer(Backbone):
         self._out_features = list(out_features)
         self._out_feature_strides = {n: patch_size * 2**i for i, n in enumerate(names)}
         self._out_feature_channels = dict(zip(names, self.num_features))
+
+    def build_stage(self, i: int, **kwargs) -> nn.Module:
+        """Stage ``i`` (``layers.{i}``) from BasicLayer's keyword arguments; variants (SeMask) override it."""
+        return BasicLayer(**kwargs)
 
     @classmethod
     def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
@@ -305,6 +318,11 @@ class D2SwinTransformer(Backbone):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """x: (N, C, H, W) -> {res_k: (N, C_k, H_k, W_k)} for the requested out_features."""
+        return self.forward_stages(x)[0]
+
+    def forward_stages(self, x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """(features, extras): the features of :meth:`forward`, and by the same names whatever a
+        stage returns after its usual four values (SeMask's semantic-prior logits); {} for Swin."""
         if x.dim() != 4:
             raise ValueError(f"SwinTransformer takes an input of shape (N, C, H, W); got {tuple(x.shape)}")
         x = self.patch_embed(x)
@@ -312,17 +330,19 @@ class D2SwinTransformer(Backbone):
         if self.ape:
             x = x + F.interpolate(self.absolute_pos_embed, size=(Wh, Ww), mode="bicubic")
         x = self.pos_drop(x.flatten(2).transpose(1, 2))
-        outs = {}
+        outs, extras = {}, {}
         H, W = Wh, Ww
         last = max(int(name[3:]) - 2 for name in self._out_features)
         for i in range(last + 1):  # later stages cannot affect the requested outputs
-            x_out, x, H_next, W_next = self.layers[i](x, H, W)
+            x_out, x, H_next, W_next, *extra = self.layers[i](x, H, W)
             name = f"res{i + 2}"
             if name in self._out_features:
                 y = getattr(self, f"norm{i}")(x_out)
                 outs[name] = y.view(-1, H, W, self.num_features[i]).permute(0, 3, 1, 2).contiguous()
+                if extra:
+                    extras[name] = extra[0]
             H, W = H_next, W_next
-        return outs
+        return outs, extras
 
     @property
     def size_divisibility(self) -> int:

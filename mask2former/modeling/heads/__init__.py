@@ -1,1 +1,2 @@
+from .branch_mask_former_head import BranchMaskFormerHead
 from .mask_former_head import MaskFormerHead, build_pixel_decoder, build_sem_seg_head, build_transformer_decoder

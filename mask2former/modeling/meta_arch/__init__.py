@@ -1,1 +1,2 @@
-from .mask_former import MaskFormer, pad_images
+from .mask_former import MaskFormer
+from .semask_mask_former import SeMaskMaskFormer

@@ -184,14 +184,21 @@ class MaskFormer(nn.Module):
                 targets_in.append(x["instances"])
             images, sizes = self.preprocess(batched_inputs)
             targets = self.prepare_targets(targets_in, tuple(images.shape[-2:]), sizes)
-            if getattr(getattr(self.sem_seg_head, "predictor", None), "mask_piloted", False):
-                outputs = self.sem_seg_head(self.backbone(images), targets=targets)  # MP-Former
-            else:
-                outputs = self.sem_seg_head(self.backbone(images))
-            losses = self.criterion(outputs, targets)
+            losses = self.compute_losses(images, targets, batched_inputs)
             weights = self.criterion.weight_dict
             return {k: v * weights[k] for k, v in losses.items() if k in weights}
         return self.inference(batched_inputs)
+
+    def compute_losses(self, images: torch.Tensor, targets: List[Dict], batched_inputs: List[Dict]) -> Dict:
+        """Unweighted training losses of a normalised, padded (N, C, H, W) batch and its targets
+        (see :meth:`prepare_targets`); ``batched_inputs``: the samples, for variants that read more."""
+        return self.criterion(self.head_outputs(self.backbone(images), targets), targets)
+
+    def head_outputs(self, features: Dict[str, torch.Tensor], targets: Optional[List[Dict]] = None) -> Dict:
+        """The head's training outputs; a mask-piloted predictor (MP-Former) also gets the targets."""
+        if getattr(getattr(self.sem_seg_head, "predictor", None), "mask_piloted", False):
+            return self.sem_seg_head(features, targets=targets)
+        return self.sem_seg_head(features)
 
     def prepare_targets(self, gt_instances: Sequence, padded_size: Tuple[int, int],
                         image_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[Dict[str, torch.Tensor]]:
