@@ -12,9 +12,10 @@ import torch
 
 import mask2former as m2f
 
-MODELS = ["panoptic", "instance", "semantic", "swin_semantic", "maskformer_semantic", "mpformer_instance"]
+MODELS = ["panoptic", "instance", "semantic", "swin_semantic", "maskformer_semantic", "mpformer_instance",
+          "semask_semantic"]
 # the descendants' parity files sit in their own folders of ../shared/parity
-FOLDERS = {"mpformer_instance": "mpformer"}
+FOLDERS = {"mpformer_instance": "mpformer", "semask_semantic": "semask"}
 PROB_TOL = 1e-4
 PIXEL_AGREEMENT = 0.999
 
