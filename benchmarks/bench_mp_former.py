@@ -4,144 +4,22 @@
     python benchmarks/bench_mp_former.py --budgets 100 400 --seeds 0 1 2 --jobs 2 --json ab.json
     python benchmarks/bench_mp_former.py --budgets 20 --seeds 0 --quick   # smoke run (tiny val split)
 
-Each run is ``train_net.py`` in its own process on ``configs/synthetic/panoptic.yaml`` (plain
-Mask2Former) or ``configs/synthetic/panoptic_mp.yaml`` (the same model and schedule with the
-released MP-Former setting), with SOLVER.MAX_ITER = the budget (the poly schedule follows it),
-SEED = the seed (model initialisation and data order), no intermediate evaluation and no
-checkpoint before the last; then evaluation on the validation split (PQ, mask AP, mIoU). Runs are
-interleaved (seed by seed, both systems) so that machine noise falls on both alike.
-
-Reported per system and budget: mean and sample standard deviation over the seeds of PQ, AP and
-mIoU, the median training step time (``time`` in metrics.json: forward, backward and optimizer
-step of one iteration, logged every 20) and the process's peak resident memory (training and
-evaluation; ``ru_maxrss`` of the child). The same seed gives the two systems the same data order
+Systems: ``configs/synthetic/panoptic.yaml`` (plain Mask2Former) and
+``configs/synthetic/panoptic_mp.yaml`` (the same model and schedule with the released MP-Former
+setting); metrics PQ, mask AP and mIoU. How runs are made and what is reported: ab_synthetic.py
+(mean and sample standard deviation over the seeds, median step time, peak memory). The same seed gives the two systems the same data order
 but not the same initial weights (MP-Former's decoder has no query positions and a class
 embedding, so the random draws after it differ).
 """
-import argparse
-import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYSTEMS = {"Mask2Former": "configs/synthetic/panoptic.yaml", "MP-Former": "configs/synthetic/panoptic_mp.yaml"}
-METRICS = (("panoptic_seg", "PQ"), ("segm", "AP"), ("sem_seg", "mIoU"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ab_synthetic import ABSpec, main  # noqa: E402
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budgets", type=int, nargs="+", default=[300, 1200], help="training iterations (default 300 1200)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, one torch thread each when > 1 (default 1)")
-    p.add_argument("--datasets-root", default=None,
-                   help="$DETECTRON2_DATASETS holding synthetic/ (default: a folder in the temp dir, generated once)")
-    p.add_argument("--quick", action="store_true", help="a 64-image train / 8-image val copy of the dataset")
-    p.add_argument("--work-dir", default=None, help="where the runs write (default: a temporary folder)")
-    p.add_argument("--json", default=None, help="also write every run's numbers and the summary here")
-    return p.parse_args(argv)
-
-
-def _dataset_root(args) -> str:
-    from mask2former.data.datasets import synthetic
-
-    name = "m2f_bench_synthetic_quick" if args.quick else "m2f_bench_synthetic"
-    root = args.datasets_root or os.path.join(tempfile.gettempdir(), name)
-    splits = {"train": 64, "val": 8} if args.quick else None
-    synthetic.ensure_synthetic_dataset(root, **({"splits": splits} if splits else {}))
-    return root
-
-
-def _start(system, budget, seed, out_dir, datasets_root, threads):
-    cmd = [sys.executable, os.path.join(REPO_ROOT, "train_net.py"), "--config-file",
-           os.path.join(REPO_ROOT, SYSTEMS[system]), "SOLVER.MAX_ITER", str(budget), "SEED", str(seed),
-           "SOLVER.CHECKPOINT_PERIOD", str(budget + 1), "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", out_dir]
-    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    log = open(os.path.join(out_dir, "stdout.txt"), "w")
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log
-
-
-def _collect(system, budget, seed, out_dir, proc, log, started):
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    log.close()
-    if proc.returncode != 0:
-        with open(os.path.join(out_dir, "stdout.txt")) as f:
-            raise RuntimeError(f"{system} budget {budget} seed {seed} failed:\n{f.read()[-3000:]}")
-    with open(os.path.join(out_dir, "eval_results.json")) as f:
-        results = json.load(f)
-    with open(os.path.join(out_dir, "metrics.json")) as f:
-        times = [r["time"] for r in map(json.loads, f) if "time" in r]
-    run = {"system": system, "budget": budget, "seed": seed, "wall_s": time.time() - started,
-           "step_s": statistics.median(times) if times else float("nan"), "peak_rss_mb": usage.ru_maxrss / 1024}
-    run.update({name: results[task][name] for task, name in METRICS})
-    print(f"  {system:11s} budget {budget:5d} seed {seed}: " + ", ".join(f"{n} {run[n]:.2f}" for _, n in METRICS)
-          + f", step {run['step_s']:.3f} s, peak {run['peak_rss_mb']:.0f} MB, wall {run['wall_s']:.0f} s", flush=True)
-    return run
-
-
-def _mean_sd(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def summarize(runs):
-    rows = []
-    for budget in sorted({r["budget"] for r in runs}):
-        for system in SYSTEMS:
-            sel = [r for r in runs if r["budget"] == budget and r["system"] == system]
-            if not sel:
-                continue
-            row = {"budget": budget, "system": system, "seeds": len(sel)}
-            for key in [n for _, n in METRICS] + ["step_s", "peak_rss_mb"]:
-                row[key] = _mean_sd([r[key] for r in sel])
-            rows.append(row)
-    return rows
-
-
-def print_table(rows):
-    print("\n| budget | system | seeds | PQ | AP | mIoU | step time (s) | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        cells = [f"{r[k][0]:.2f} ± {r[k][1]:.2f}" for k in ("PQ", "AP", "mIoU")]
-        cells += [f"{r['step_s'][0]:.3f}", f"{r['peak_rss_mb'][0]:.0f}"]
-        print(f"| {r['budget']} | {r['system']} | {r['seeds']} | " + " | ".join(cells) + " |")
-    for budget in sorted({r["budget"] for r in rows}):
-        pair = {r["system"]: r for r in rows if r["budget"] == budget}
-        if len(pair) == 2:
-            a, b = pair["Mask2Former"], pair["MP-Former"]
-            deltas = ", ".join(f"{n} {b[n][0] - a[n][0]:+.2f}" for _, n in METRICS)
-            print(f"budget {budget}: MP-Former - Mask2Former: {deltas}; step time x{b['step_s'][0] / a['step_s'][0]:.2f}, "
-                  f"peak RSS x{b['peak_rss_mb'][0] / a['peak_rss_mb'][0]:.2f}")
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    datasets_root = _dataset_root(args)
-    work = args.work_dir or tempfile.mkdtemp(prefix="bench_mp_former_")
-    threads = 1 if args.jobs > 1 else None
-    queue = [(s, b, seed) for b in args.budgets for seed in args.seeds for s in SYSTEMS]
-    runs, active = [], []
-    while queue or active:
-        while queue and len(active) < args.jobs:
-            system, budget, seed = queue.pop(0)
-            out = os.path.join(work, f"{system}_b{budget}_s{seed}")
-            os.makedirs(out, exist_ok=True)
-            proc, log = _start(system, budget, seed, out, datasets_root, threads)
-            active.append((system, budget, seed, out, proc, log, time.time()))
-        item = active.pop(0)
-        runs.append(_collect(*item))
-    rows = summarize(runs)
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"runs": runs, "summary": rows, "args": vars(args)}, f, indent=1)
-    return 0
-
+SPEC = ABSpec(name="mp_former",
+              systems={"Mask2Former": "configs/synthetic/panoptic.yaml", "MP-Former": "configs/synthetic/panoptic_mp.yaml"},
+              metrics=(("panoptic_seg", "PQ"), ("segm", "AP"), ("sem_seg", "mIoU")), budgets=(300, 1200), doc=__doc__)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(SPEC))
