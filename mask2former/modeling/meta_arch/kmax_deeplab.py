@@ -110,21 +110,23 @@ class kMaXDeepLab(MaskFormer):
     def fit_inputs(self, batched_inputs: List[Dict]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Validated inputs -> (normalised images, float images 0..255), each (C, h, w) with h, w
         within INPUT.IMAGE_SIZE (larger images resized to fit)."""
-        images = self.normalize(batched_inputs)
+        images = self.normalize(batched_inputs)  # also validates the inputs
         raws = []
-        for i, (image, x) in enumerate(zip(images, batched_inputs)):
+        for i, x in enumerate(batched_inputs):
             raw = x["image"].to(self.device).float()
-            if "is_real_pixels" in x:  # the official mapper's padding mask: padded pixels become 0
-                image = image * torch.as_tensor(x["is_real_pixels"]).to(image)
-            h, w = image.shape[-2:]
+            real = x.get("is_real_pixels")  # the official mapper's padding mask: padded pixels become 0
+            h, w = raw.shape[-2:]
             if h > self.input_size[0] or w > self.input_size[1]:
                 s = min(self.input_size[0] / h, self.input_size[1] / w)
                 size = (max(1, min(self.input_size[0], round(h * s))), max(1, min(self.input_size[1], round(w * s))))
                 logger.debug("input %d of %dx%d is larger than INPUT.IMAGE_SIZE %s: resized to %s", i, h, w,
                              self.input_size, size)
-                image, raw = (F.interpolate(t[None], size=size, mode="bilinear", align_corners=False,
-                                            antialias=True)[0] for t in (image, raw))
-            images[i] = image
+                raw = F.interpolate(raw[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+                images[i] = (raw - self.pixel_mean) / self.pixel_std
+                if real is not None:
+                    real = F.interpolate(torch.as_tensor(real).to(raw)[None, None], size=size, mode="nearest")[0, 0]
+            if real is not None:
+                images[i] = images[i] * torch.as_tensor(real).to(images[i])
             raws.append(raw)
         return images, raws
 
