@@ -9,8 +9,8 @@ from typing import Dict, List, Optional, Set, Tuple
 import torch
 from torch.nn import functional as F
 
-from ..structures import Boxes, Instances
-from .postprocessing import instance_candidates, masks_to_boxes
+from ..structures import Instances
+from .postprocessing import instance_candidates, instances_from_masks
 
 __all__ = ["kmax_semantic_inference", "kmax_panoptic_inference", "kmax_instance_inference"]
 
@@ -72,11 +72,4 @@ def kmax_instance_inference(mask_cls: torch.Tensor, mask_probs: torch.Tensor, *,
     scores, labels, query_index = instance_candidates(mask_cls, num_classes=num_classes, topk=topk,
                                                       thing_ids=thing_ids)
     probs = mask_probs[query_index]
-    binary = (probs > pixel_confidence_threshold).float()
-    mask_scores = (probs.flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-    result = Instances(tuple(mask_probs.shape[-2:]))
-    result.pred_masks = binary
-    result.pred_boxes = Boxes(masks_to_boxes(binary))
-    result.scores = scores * mask_scores
-    result.pred_classes = labels
-    return result
+    return instances_from_masks(scores, labels, probs, (probs > pixel_confidence_threshold).float())

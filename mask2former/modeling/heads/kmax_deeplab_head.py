@@ -5,31 +5,18 @@ TRANSFORMER_DECODER_REGISTRY; the transformer decoder is called as ``cls(cfg, in
 """
 from typing import Dict
 
-from torch import nn
-
-from ...config.configurable import configurable
 from ...layers import ShapeSpec
 from ...utils.registry import PIXEL_DECODER_REGISTRY, SEM_SEG_HEADS_REGISTRY, TRANSFORMER_DECODER_REGISTRY
-from .mask_former_head import _lookup
+from .mask_former_head import MaskFormerHead, _lookup
 
 __all__ = ["kMaXDeepLabHead"]
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class kMaXDeepLabHead(nn.Module):
-    """backbone features -> pixel decoder -> transformer decoder -> {"pred_logits", "pred_masks", ...}."""
-
-    @configurable
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, num_classes: int, pixel_decoder: nn.Module,
-                 transformer_predictor: nn.Module, loss_weight: float = 1.0, ignore_value: int = -1):
-        super().__init__()
-        self.in_features = [k for k, _ in sorted(input_shape.items(), key=lambda kv: kv[1].stride)]
-        self.ignore_value = ignore_value
-        self.common_stride = 4
-        self.loss_weight = loss_weight
-        self.pixel_decoder = pixel_decoder
-        self.predictor = transformer_predictor
-        self.num_classes = num_classes
+class kMaXDeepLabHead(MaskFormerHead):
+    """backbone features -> pixel decoder -> transformer decoder -> {"pred_logits", "pred_masks", ...}:
+    MaskFormerHead's attributes, kMaX's builders and call (the transformer decoder also takes the
+    pixel decoder's last output and the backbone features for its auxiliary semantic head)."""
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -47,8 +34,9 @@ class kMaXDeepLabHead(nn.Module):
             "transformer_predictor": predictor,
             "loss_weight": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "transformer_in_feature": "multi_scale_pixel_decoder",
         }
 
-    def forward(self, features):
+    def forward(self, features, mask=None, targets=None):
         panoptic, semantic, multi_scale = self.pixel_decoder.forward_features(features)
         return self.predictor(multi_scale, panoptic, semantic)

@@ -65,12 +65,13 @@ class kMaXDeepLab(MaskFormer):
         # MaskFormer's object_mask_threshold has no kMaX counterpart; masks are resized before inference
         super().__init__(object_mask_threshold=0.0, sem_seg_postprocess_before_inference=True, **kwargs)
         self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.pixel_confidence_threshold = pixel_confidence_threshold
-        self.class_threshold_thing = class_threshold_thing
-        self.class_threshold_stuff = class_threshold_stuff
-        self.reorder_class_weight = reorder_class_weight
-        self.reorder_mask_weight = reorder_mask_weight
         self.channel_last_format = channel_last_format
+        self.pixel_confidence_threshold = pixel_confidence_threshold
+        # the keywords of kmax_panoptic_inference
+        self.panoptic_options = dict(
+            pixel_confidence_threshold=pixel_confidence_threshold, class_threshold_thing=class_threshold_thing,
+            class_threshold_stuff=class_threshold_stuff, overlap_threshold=self.overlap_threshold,
+            reorder_class_weight=reorder_class_weight, reorder_mask_weight=reorder_mask_weight)
 
     @classmethod
     def from_config(cls, cfg, backbone=None, sem_seg_head=None):
@@ -166,12 +167,8 @@ class kMaXDeepLab(MaskFormer):
         if self.semantic_on:
             res["sem_seg"] = post.kmax_semantic_inference(mask_cls, mask_probs)
         if self.panoptic_on:
-            res["panoptic_seg"] = post.kmax_panoptic_inference(
-                mask_cls, mask_probs, thing_ids=self.thing_ids,
-                pixel_confidence_threshold=self.pixel_confidence_threshold,
-                class_threshold_thing=self.class_threshold_thing, class_threshold_stuff=self.class_threshold_stuff,
-                overlap_threshold=self.overlap_threshold, reorder_class_weight=self.reorder_class_weight,
-                reorder_mask_weight=self.reorder_mask_weight)
+            res["panoptic_seg"] = post.kmax_panoptic_inference(mask_cls, mask_probs, thing_ids=self.thing_ids,
+                                                               **self.panoptic_options)
         if self.instance_on:
             res["instances"] = post.kmax_instance_inference(
                 mask_cls, mask_probs, num_classes=self.sem_seg_head.num_classes, topk=self.test_topk_per_image,
