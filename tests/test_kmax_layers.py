@@ -171,6 +171,7 @@ def test_even_sizes_that_divide_the_strides_work():
     build_meta(tiny_cfg("INPUT.IMAGE_SIZE", "[64, 96]"))  # 64 and 96 are multiples of 32: tables fit
 
 
+@pytest.mark.slow
 def test_a_feature_of_another_size_fails_clearly():
     model = m2f.build_model(tiny_cfg()).eval()
     with torch.no_grad(), pytest.raises(ValueError, match=r"built for 3 positions.*padded to INPUT\.IMAGE_SIZE"):

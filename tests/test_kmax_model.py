@@ -153,6 +153,7 @@ def test_output_crop(image_hw, out_hw, crop):
     assert output_crop(image_hw, (97, 97), out_hw) == crop
 
 
+@pytest.mark.slow
 def test_smaller_input_is_cropped_to_itself(tiny, io):
     """An input whose long side is short of IMAGE_SIZE: the official code would crop a 97 x 97
     area (mostly padding) and stretch it; ours predicts on the image's own area."""
