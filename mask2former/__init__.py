@@ -7,7 +7,7 @@ segmentation, without a Detectron2 dependency.
     out = model([{"image": chw_tensor, "height": H, "width": W}])[0]
 """
 from .checkpoint import load_checkpoint
-from .config import UnsafeConfigError, add_deeplab_config, add_maskformer2_config, get_cfg
+from .config import UnsafeConfigError, add_deeplab_config, add_kmax_deeplab_config, add_maskformer2_config, get_cfg
 from .data.dataset_mappers import (  # the official package exports its mappers here too
     COCOInstanceNewBaselineDatasetMapper,
     COCOPanopticNewBaselineDatasetMapper,
@@ -16,7 +16,7 @@ from .data.dataset_mappers import (  # the official package exports its mappers 
     MaskFormerSemanticDatasetMapper,
 )
 from .evaluation import InstanceSegEvaluator
-from .modeling import MaskFormer, build_model
+from .modeling import MaskFormer, build_model, kMaXDeepLab
 
 __version__ = "0.1.0"
 
@@ -26,8 +26,10 @@ __all__ = [
     "load_checkpoint",
     "add_maskformer2_config",
     "add_deeplab_config",
+    "add_kmax_deeplab_config",
     "UnsafeConfigError",
     "MaskFormer",
+    "kMaXDeepLab",
     "InstanceSegEvaluator",
     "MaskFormerSemanticDatasetMapper",
     "MaskFormerPanopticDatasetMapper",

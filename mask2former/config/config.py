@@ -25,7 +25,7 @@ from fvcore.common.config import BASE_KEY
 from fvcore.common.config import CfgNode as _FvCfgNode
 from yacs.config import CfgNode as _YacsCfgNode
 
-from .defaults import DEEPLAB_DEFAULTS, DETECTRON2_DEFAULTS, MASKFORMER2_DEFAULTS
+from .defaults import DEEPLAB_DEFAULTS, DETECTRON2_DEFAULTS, KMAX_DEEPLAB_DEFAULTS, MASKFORMER2_DEFAULTS
 from .safe_yaml import UnsafeConfigError, load_config_yaml
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "get_cfg",
     "add_deeplab_config",
     "add_maskformer2_config",
+    "add_kmax_deeplab_config",
+    "image_size_hw",
 ]
 
 logger = logging.getLogger(__name__)
@@ -210,8 +212,34 @@ def _iter_keys(node: _YacsCfgNode, prefix: str = ""):
             yield from _iter_keys(value, full_key + ".")
 
 
+def _image_size(new: Any, old: Any, full_key: str, source: str) -> Any:
+    """INPUT.IMAGE_SIZE: Mask2Former's LSJ configs give the side of the square training crop (an
+    int), kMaX-DeepLab's the fixed [height, width] every input is padded to; either form loads."""
+    if isinstance(new, (list, tuple)) and len(new) == 2 and all(type(v) is int and v > 0 for v in new):
+        return list(new)
+    if type(new) is int and new > 0:
+        return new
+    raise ConfigTypeError(
+        f"Config key '{full_key}' in {source} expects a positive int (the LSJ crop side of Mask2Former's "
+        f"configs, e.g. 1024) or [height, width] of positive ints (kMaX-DeepLab's input size, e.g. "
+        f"[1281, 1281]); got {type(new).__name__} {new!r}")
+
+
+# Keys whose value may take more than one form; each reader interprets the form it gets.
+_SEVERAL_FORMS = {"INPUT.IMAGE_SIZE": _image_size}
+
+
+def image_size_hw(value: Any, key: str = "INPUT.IMAGE_SIZE") -> Tuple[int, int]:
+    """(height, width) of an INPUT.IMAGE_SIZE value: an int n is (n, n)."""
+    value = _image_size(value, None, key, "the config")
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
 def _coerce(new: Any, old: Any, full_key: str, source: str) -> Any:
-    """``new`` converted to the type of ``old``: the rules of yacs, plus int -> float."""
+    """``new`` converted to the type of ``old``: the rules of yacs, plus int -> float (and the
+    forms of the keys of ``_SEVERAL_FORMS``)."""
+    if full_key in _SEVERAL_FORMS:
+        return _SEVERAL_FORMS[full_key](new, old, full_key, source)
     if isinstance(new, dict):
         pass  # a mapping can never replace a leaf value
     elif type(new) is type(old) or new is None or old is None:
@@ -235,14 +263,15 @@ def _deep_update(dst: Dict[str, Any], src: Dict[str, Any]) -> None:
             dst[key] = copy.deepcopy(value)
 
 
-def _add_defaults(node: _YacsCfgNode, defaults: Dict[str, Any]) -> None:
+def _add_defaults(node: _YacsCfgNode, defaults: Dict[str, Any], only_missing: bool = False) -> None:
     # Missing sections are created with the caller's node class, so a Detectron2 config stays one.
+    # ``only_missing``: keys the node already has keep their values.
     for key, value in defaults.items():
         if isinstance(value, dict):
             if not isinstance(node.get(key), _YacsCfgNode):
                 setattr(node, key, type(node)())
-            _add_defaults(node[key], value)
-        else:
+            _add_defaults(node[key], value, only_missing)
+        elif not (only_missing and key in node):
             setattr(node, key, copy.deepcopy(value))
 
 
@@ -256,9 +285,18 @@ def add_maskformer2_config(cfg: _YacsCfgNode) -> None:
     _add_defaults(cfg, MASKFORMER2_DEFAULTS)
 
 
+def add_kmax_deeplab_config(cfg: _YacsCfgNode) -> None:
+    """What the official ``add_kmax_deeplab_config`` does: add the kMaX-DeepLab keys and set the
+    keys it shares with Mask2Former (INPUT.IMAGE_SIZE, SOLVER.WEIGHT_DECAY_EMBED, ...) to kMaX's
+    defaults."""
+    _add_defaults(cfg, KMAX_DEEPLAB_DEFAULTS)
+
+
 def get_cfg() -> CfgNode:
-    """A fresh full default config: Detectron2 defaults + DeepLab + Mask2Former keys."""
+    """A fresh full default config: Detectron2 defaults + DeepLab + Mask2Former keys, and the
+    kMaX-DeepLab keys that Mask2Former lacks (shared keys keep Mask2Former's defaults)."""
     cfg = CfgNode(DETECTRON2_DEFAULTS)
     add_deeplab_config(cfg)
     add_maskformer2_config(cfg)
+    _add_defaults(cfg, KMAX_DEEPLAB_DEFAULTS, only_missing=True)
     return cfg

@@ -378,3 +378,86 @@ MASKFORMER2_DEFAULTS = {
         },
     },
 }
+
+# Keys of kMaX-DeepLab's ``add_kmax_deeplab_config`` (bytedance/kmax-deeplab), official defaults.
+# ``get_cfg`` adds only the keys that Mask2Former lacks (MODEL.KMAX_DEEPLAB, MODEL.CONVNEXT); the
+# official function, :func:`add_kmax_deeplab_config`, also sets the keys both projects define
+# (INPUT.*, SOLVER.*) to kMaX's values, as the official one does. The kMaX configs under configs/
+# therefore state the values of those shared keys that they rely on (e.g. WEIGHT_DECAY_EMBED).
+KMAX_DEEPLAB_DEFAULTS = {
+    "INPUT": {
+        "DATASET_MAPPER_NAME": "coco_panoptic_kmaxdeeplab",
+        "SIZE_DIVISIBILITY": -1,
+        # the fixed [height, width] every input is zero-padded to (odd: align_corners resizes)
+        "IMAGE_SIZE": [1281, 1281],
+        "MIN_SCALE": 0.2,
+        "MAX_SCALE": 2.0,
+    },
+    "SOLVER": {"WEIGHT_DECAY_EMBED": 0.05, "OPTIMIZER": "ADAMW", "BACKBONE_MULTIPLIER": 0.1},
+    "MODEL": {
+        "KMAX_DEEPLAB": {
+            # the final layer's Hungarian matching is reused by every auxiliary layer
+            "SHARE_FINAL_MATCHING": True,
+            "SAVE_VIS_NUM": 0,  # panoptic visualisations the official evaluator saves
+            "CHANNEL_LAST_FORMAT": False,  # run the backbone on a channels-last input
+            # losses
+            "DEEP_SUPERVISION": True,
+            "NO_OBJECT_WEIGHT": 1e-5,
+            "CLASS_WEIGHT": 3.0,
+            "DICE_WEIGHT": 3.0,
+            "MASK_WEIGHT": 0.3,
+            "INSDIS_WEIGHT": 1.0,
+            # > 0 builds the training-only auxiliary semantic predictor (its keys are in checkpoints)
+            "AUX_SEMANTIC_WEIGHT": 1.0,
+            # True: DeepLabv3+-style decoder (ASPP + two skips); False: one 5x5 depthwise block on res5
+            "USE_AUX_SEMANTIC_DECODER": True,
+            "PIXEL_INSDIS_TEMPERATURE": 1.5,
+            "PIXEL_INSDIS_SAMPLE_K": 4096,
+            "AUX_SEMANTIC_TEMPERATURE": 2.0,
+            "AUX_SEMANTIC_SAMPLE_K": 4096,
+            "MASKING_VOID_PIXEL": True,
+            "PIXEL_DEC": {
+                "NAME": "kMaXPixelDecoder",
+                "IN_FEATURES": ["res2", "res3", "res4", "res5"],
+                # per stage, from the coarsest feature: blocks, block type, base width
+                "DEC_LAYERS": [1, 5, 1, 1],
+                "LAYER_TYPES": ["axial", "axial", "bottleneck", "bottleneck"],
+                "DEC_CHANNELS": [512, 256, 128, 64],
+                "DROP_PATH_PROB": 0.0,
+            },
+            "TRANS_DEC": {
+                "NAME": "kMaXTransformerDecoder",
+                # k-means layers on the stride-32, 16 and 8 pixel-decoder outputs
+                "DEC_LAYERS": [2, 2, 2],
+                "NUM_OBJECT_QUERIES": 128,
+                # widths of those outputs (4x DEC_CHANNELS), then of the final stride-4 one
+                "IN_CHANNELS": [2048, 1024, 512],
+                "DROP_PATH_PROB": 0.0,
+            },
+            "TEST": {
+                "SEMANTIC_ON": False,
+                "INSTANCE_ON": False,
+                "PANOPTIC_ON": True,
+                # a pixel belongs to a mask where that mask's softmax over queries exceeds this
+                "PIXEL_CONFIDENCE_THRESHOLD": 0.4,
+                "CLASS_THRESHOLD_THING": 0.7,
+                "CLASS_THRESHOLD_STUFF": 0.5,
+                # panoptic segments are placed in the order class_score**w_c * mask_score**w_m
+                "REORDER_CLASS_WEIGHT": 1.0,
+                "REORDER_MASK_WEIGHT": 1.0,
+                "OVERLAP_THRESHOLD": 0.8,
+                "SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE": False,
+            },
+            "SIZE_DIVISIBILITY": -1,
+        },
+        "CONVNEXT": {
+            "IN_CHANNELS": 3,
+            "DEPTHS": [3, 3, 27, 3],
+            "DIMS": [192, 384, 768, 1536],
+            "DROP_PATH_RATE": 0.6,
+            "LSIT": 1e-6,  # (sic) layer-scale init value
+            "OUT_INDICES": [0, 1, 2, 3],
+            "OUT_FEATURES": ["res2", "res3", "res4", "res5"],
+        },
+    },
+}

@@ -1,5 +1,6 @@
 from .conv import Conv2d, c2_msra_fill, c2_xavier_fill
-from .norm import FrozenBatchNorm2d, LayerNorm2d, get_norm
+from .conv_bn import ConvBN
+from .norm import FrozenBatchNorm2d, LayerNorm2d, get_norm, tf_batch_norm
 from .shape_spec import ShapeSpec
 from .mlp import MLP
 from .ms_deform_attn import MSDeformAttn

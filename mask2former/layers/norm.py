@@ -72,6 +72,13 @@ class LayerNorm2d(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+def tf_batch_norm(num_features: int) -> nn.SyncBatchNorm:
+    """Batch norm with TensorFlow's defaults (eps 1e-3, momentum 0.01), synchronised across
+    processes in distributed training, per process otherwise. Any input rank >= 2 (N, C, ...):
+    kMaX-DeepLab applies it after 1-D and 2-D convolutions and to (N, 1, Q, H, W) mask logits."""
+    return nn.SyncBatchNorm(num_features, eps=1e-3, momentum=0.01)
+
+
 _NORMS = {
     "BN": nn.BatchNorm2d,
     "SyncBN": nn.SyncBatchNorm,

@@ -11,7 +11,7 @@ from ..utils.registry import (
 from . import backbone, heads, pixel_decoder, transformer_decoder  # noqa: F401  (registration)
 from .backbone import build_backbone
 from .heads import MaskFormerHead, build_pixel_decoder, build_sem_seg_head, build_transformer_decoder
-from .meta_arch import MaskFormer
+from .meta_arch import MaskFormer, kMaXDeepLab
 
 logger = logging.getLogger(__name__)
 

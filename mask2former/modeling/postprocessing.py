@@ -143,9 +143,16 @@ def instances_from_candidates(scores: torch.Tensor, labels: torch.Tensor, mask_p
     Masks are logits > 0; the final score multiplies the class probability by the mean mask
     probability inside the binary mask.
     """
-    binary = (mask_pred > 0).float()
-    mask_scores = (mask_pred.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-    result = Instances(tuple(mask_pred.shape[-2:]))
+    return instances_from_masks(scores, labels, mask_pred.sigmoid(), (mask_pred > 0).float())
+
+
+def instances_from_masks(scores: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor,
+                         binary: torch.Tensor) -> Instances:
+    """Instances of N detections from class probabilities (N,), labels (N,), mask probabilities
+    and 0/1 masks (N, H, W): score = class probability x mean mask probability inside the mask
+    (0 for an empty mask), boxes around the masks."""
+    mask_scores = (probs.flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    result = Instances(tuple(binary.shape[-2:]))
     result.pred_masks = binary
     result.pred_boxes = Boxes(masks_to_boxes(binary))
     result.scores = scores * mask_scores

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, List, Sequence
 
+from ...config.config import image_size_hw
 from ...config.configurable import configurable
 from ...utils.registry import DATASET_MAPPER_REGISTRY
 from .. import transforms as T
@@ -66,17 +67,18 @@ def build_augmentations(cfg, is_train: bool, style: str = "resize_crop",
     MAX_SIZE_TRAIN, MIN_SIZE_TRAIN_SAMPLING); if INPUT.CROP.ENABLED a random crop
     (INPUT.CROP.TYPE/SIZE; with the SINGLE_CATEGORY_MAX_AREA constraint if
     ``category_area_crop``); if INPUT.COLOR_AUG_SSD the SSD colour jitter; the flip.
-    ``style="lsj"``: flip, ResizeScale(MIN_SCALE, MAX_SCALE, IMAGE_SIZE), FixedSizeCrop(IMAGE_SIZE).
+    ``style="lsj"``: flip, ResizeScale(MIN_SCALE, MAX_SCALE, IMAGE_SIZE), FixedSizeCrop(IMAGE_SIZE)
+    (IMAGE_SIZE n is an n x n crop, [h, w] an h x w one).
     At inference: ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST).
     """
     inp = cfg.INPUT
     if not is_train:
         return [T.ResizeShortestEdge(inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST, "choice")]
     if style == "lsj":
-        size = int(inp.IMAGE_SIZE)
+        h, w = image_size_hw(inp.IMAGE_SIZE)  # n (Mask2Former) or [h, w] (kMaX-DeepLab)
         return _flip(cfg) + [
-            T.ResizeScale(inp.MIN_SCALE, inp.MAX_SCALE, size, size),
-            T.FixedSizeCrop((size, size)),
+            T.ResizeScale(inp.MIN_SCALE, inp.MAX_SCALE, h, w),
+            T.FixedSizeCrop((h, w)),
         ]
     if style != "resize_crop":
         raise ValueError(f"unknown augmentation style {style!r}")

@@ -1,9 +1,11 @@
-"""Backbones. Importing this package registers ``build_resnet_backbone``, ``D2SwinTransformer`` and
-``D2SeMaskSwinTransformer`` in BACKBONE_REGISTRY."""
+"""Backbones. Importing this package registers ``build_resnet_backbone``,
+``build_resnet_deeplab_backbone``, ``custom_bn_build_resnet_backbone`` (kMaX-DeepLab),
+``D2SwinTransformer``, ``D2SeMaskSwinTransformer`` and ``D2ConvNeXt`` in BACKBONE_REGISTRY."""
 from ...layers import ShapeSpec
 from ...utils.registry import BACKBONE_REGISTRY
 from .backbone import Backbone
-from .resnet import ResNet, build_resnet_backbone, build_resnet_deeplab_backbone
+from .convnext import D2ConvNeXt
+from .resnet import ResNet, build_resnet_backbone, build_resnet_deeplab_backbone, custom_bn_build_resnet_backbone
 from .semask_swin import D2SeMaskSwinTransformer
 from .swin import D2SwinTransformer
 
@@ -12,8 +14,10 @@ __all__ = [
     "ResNet",
     "build_resnet_backbone",
     "build_resnet_deeplab_backbone",
+    "custom_bn_build_resnet_backbone",
     "D2SwinTransformer",
     "D2SeMaskSwinTransformer",
+    "D2ConvNeXt",
     "build_backbone",
 ]
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...layers import Conv2d, FrozenBatchNorm2d, ShapeSpec, c2_msra_fill, get_norm
+from ...layers import Conv2d, FrozenBatchNorm2d, ShapeSpec, c2_msra_fill, get_norm, tf_batch_norm
 from ...utils.registry import BACKBONE_REGISTRY
 from .backbone import Backbone
 
@@ -22,6 +22,7 @@ __all__ = [
     "BottleneckBlock",
     "ResNet",
     "build_resnet_backbone",
+    "custom_bn_build_resnet_backbone",
 ]
 
 _BLOCKS_PER_STAGE = {
@@ -291,11 +292,14 @@ def make_resnet_stages(
     return stages
 
 
-def _build_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
+def _build_resnet(cfg, input_shape: ShapeSpec, norm=None, stem_type: Optional[str] = None,
+                  deeplab_dilations: bool = True) -> ResNet:
+    """``norm`` / ``stem_type`` (None: MODEL.RESNETS.NORM / STEM_TYPE); ``deeplab_dilations``
+    False ignores RES4_DILATION and RES5_MULTI_GRID (Detectron2's builder has neither)."""
     r = cfg.MODEL.RESNETS
-    norm = r.NORM
+    norm = r.NORM if norm is None else norm
     in_channels = input_shape.channels if input_shape is not None and input_shape.channels else 3
-    stem_type = r.STEM_TYPE
+    stem_type = r.STEM_TYPE if stem_type is None else stem_type
     if stem_type == "basic":
         stem = BasicStem(in_channels, r.STEM_OUT_CHANNELS, norm=norm)
     elif stem_type == "deeplab":
@@ -315,9 +319,9 @@ def _build_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
         width_per_group=r.WIDTH_PER_GROUP,
         stride_in_1x1=r.STRIDE_IN_1X1,
         norm=norm,
-        res4_dilation=r.RES4_DILATION,
+        res4_dilation=r.RES4_DILATION if deeplab_dilations else 1,
         res5_dilation=r.RES5_DILATION,
-        res5_multi_grid=r.RES5_MULTI_GRID,
+        res5_multi_grid=r.RES5_MULTI_GRID if deeplab_dilations else (1, 1, 1),
         num_stages=num_stages,
     )
     return ResNet(stem, stages, out_features=out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
@@ -335,3 +339,22 @@ def build_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
 def build_resnet_deeplab_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     """Alias of Detectron2's DeepLab-project builder name (same options)."""
     return _build_resnet(cfg, input_shape)
+
+
+@BACKBONE_REGISTRY.register()
+def custom_bn_build_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
+    """kMaX-DeepLab's ResNet: Detectron2's layout and keys (basic stem, MODEL.RESNETS.DEPTH,
+    widths, STRIDE_IN_1X1, RES5_DILATION 1 or 2) with trainable batch norm of TensorFlow's eps
+    1e-3 and momentum 0.01 (NORM "SyncBN"; "" or "none": no norm). STEM_TYPE, RES4_DILATION and
+    RES5_MULTI_GRID are not read, as in the official builder."""
+    r = cfg.MODEL.RESNETS
+    name = str(r.NORM).lower()
+    if name not in ("syncbn", "", "none"):
+        # the official builder silently builds no norm at all for any other name
+        raise ValueError(f"MODEL.RESNETS.NORM {r.NORM!r} is not supported by custom_bn_build_resnet_backbone; use "
+                         "'SyncBN' (batch norm with eps 1e-3, momentum 0.01) or 'none'")
+    if r.RES5_DILATION not in (1, 2):
+        raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2 for custom_bn_build_resnet_backbone, "
+                         f"got {r.RES5_DILATION}")
+    norm = tf_batch_norm if name == "syncbn" else ""
+    return _build_resnet(cfg, input_shape, norm=norm, stem_type="basic", deeplab_dilations=False)

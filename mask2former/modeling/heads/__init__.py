@@ -1,2 +1,3 @@
 from .branch_mask_former_head import BranchMaskFormerHead
 from .mask_former_head import MaskFormerHead, build_pixel_decoder, build_sem_seg_head, build_transformer_decoder
+from .kmax_deeplab_head import kMaXDeepLabHead

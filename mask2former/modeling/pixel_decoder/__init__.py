@@ -1,2 +1,3 @@
 from .fpn import BasePixelDecoder, TransformerEncoderPixelDecoder
 from .msdeformattn import MSDeformAttnPixelDecoder
+from .kmax_pixel_decoder import kMaXPixelDecoder

@@ -1,3 +1,4 @@
 from .mask2former_transformer_decoder import MultiScaleMaskedTransformerDecoder
 from .maskformer_transformer_decoder import StandardTransformerDecoder
 from .mp_former_transformer_decoder import MultiScaleMaskedTransformerDecoderMaskDN
+from .kmax_transformer_decoder import kMaXTransformerDecoder
