@@ -1,2 +1,2 @@
-from .mask_former import MaskFormer
+from .mask_former import MaskFormer, pad_images
 from .semask_mask_former import SeMaskMaskFormer
