@@ -321,6 +321,7 @@ TINY_BASES = {
 _MP_FORMER_KEYS = {"MODEL.DN.NUM_DN", "MODEL.DN.NOISE_SCALE", "SOLVER.INSTANT_DROP", "SOLVER.DROP_EP"} | {
     f"MODEL.MASK_FORMER.{k}" for k in ("LAST_Q_RATIO", "DN_MODE", "HEAD_DN", "ALL_LY_DN", "DN_RATIO", "DN_NO_LB",
                                        "LB_NOISE_RATIO")}
+_SEMASK_KEYS = {"MODEL.SWIN.SEM_WINDOW_SIZE", "MODEL.SWIN.NUM_SEM_BLOCKS", "MODEL.MASK_FORMER.CATE_WEIGHT"}
 
 
 @pytest.mark.parametrize("name", sorted(TINY_BASES))
@@ -333,8 +334,8 @@ def test_parity_dump_loads(parity_dir, name):
     cfg.merge_from_file(str(path))
     dumped, ours = _flat(yaml.safe_load(path.read_text())), _flat(cfg)
     assert {k: ours[k] for k in dumped} == dumped
-    # MP-Former's keys (a descendant's) are the only ones Mask2Former's dumps lack
-    assert {k for k in ours if k not in dumped} == _MP_FORMER_KEYS
+    # the descendants' keys (MP-Former's, SeMask's) are the only ones Mask2Former's dumps lack
+    assert {k for k in ours if k not in dumped} == _MP_FORMER_KEYS | _SEMASK_KEYS
 
 
 def test_every_tiny_config_is_listed(parity_dir):
