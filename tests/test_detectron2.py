@@ -34,7 +34,8 @@ import mask2former as m2f
 from tests.conftest import require_shared
 
 REPO = Path(__file__).resolve().parents[1]
-PARITY_MODELS = ["panoptic", "instance", "semantic", "swin_semantic", "maskformer_semantic"]
+PARITY_MODELS = ["panoptic", "instance", "semantic", "swin_semantic", "maskformer_semantic", "semask_semantic"]
+SWIN_BACKBONES = {"swin_semantic": "D2SwinTransformer", "semask_semantic": "D2SeMaskSwinTransformer"}
 SKIP_REASON = ("Detectron2 is not installed: the optional Detectron2 integration is not tested "
                "(pip install 'git+https://github.com/facebookresearch/detectron2.git' to run these tests)")
 OUTPUT_TOL = 1e-5  # Detectron2-built model vs this package's engine
@@ -211,11 +212,15 @@ def test_components_registered_under_official_names(d2):
     from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
 
     from mask2former.detectron2 import registration
-    from mask2former.modeling.heads import MaskFormerHead
+    from mask2former.modeling.heads import BranchMaskFormerHead, MaskFormerHead
 
     assert META_ARCH_REGISTRY.get("MaskFormer") is registration.MaskFormer
     assert SEM_SEG_HEADS_REGISTRY.get("MaskFormerHead") is MaskFormerHead
     assert BACKBONE_REGISTRY.get("D2SwinTransformer") is registration.D2SwinTransformer
+    # SeMask's
+    assert META_ARCH_REGISTRY.get("SeMaskMaskFormer") is registration.SeMaskMaskFormer
+    assert SEM_SEG_HEADS_REGISTRY.get("BranchMaskFormerHead") is BranchMaskFormerHead
+    assert BACKBONE_REGISTRY.get("D2SeMaskSwinTransformer") is registration.D2SeMaskSwinTransformer
     # Detectron2's own ResNet is not replaced
     assert BACKBONE_REGISTRY.get("build_resnet_backbone").__module__.startswith("detectron2.")
     for name in ("BasePixelDecoder", "MSDeformAttnPixelDecoder"):
@@ -265,16 +270,18 @@ def _build_both(parity_dir, name):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    cfg = _d2_cfg(parity_dir / f"tiny_{name}.yaml")
+    from tests.test_parity import parity_file
+
+    cfg = _d2_cfg(parity_file(parity_dir, name, ".yaml"))
     cfg.MODEL.WEIGHTS = ""
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(str(parity_dir / f"tiny_{name}.pkl"))
+    DetectionCheckpointer(model).load(str(parity_file(parity_dir, name, ".pkl")))
 
     ours_cfg = m2f.get_cfg()
-    ours_cfg.merge_from_file(str(parity_dir / f"tiny_{name}.yaml"))
+    ours_cfg.merge_from_file(str(parity_file(parity_dir, name, ".yaml")))
     ours_cfg.MODEL.DEVICE = "cpu"
     ours = m2f.build_model(ours_cfg, load_weights=False).eval()
-    res = m2f.load_checkpoint(ours, str(parity_dir / f"tiny_{name}.pkl"))
+    res = m2f.load_checkpoint(ours, str(parity_file(parity_dir, name, ".pkl")))
     assert not res.missing_keys and not res.unexpected_keys
     return cfg, model, ours
 
@@ -285,12 +292,13 @@ def test_detectron2_build_model_matches_ours_and_official(d2, parity_dir, name):
     from detectron2.modeling import Backbone
     from detectron2.structures import Boxes, Instances
 
-    from tests.test_parity import PIXEL_AGREEMENT, PROB_TOL, canonical_panoptic, parity_cases, same_partition
+    from tests.test_parity import (PIXEL_AGREEMENT, PROB_TOL, canonical_panoptic, parity_cases, parity_file,
+                                   same_partition)
 
     _, model, ours = _build_both(parity_dir, name)
     assert isinstance(model.backbone, Backbone)
-    if name == "swin_semantic":
-        assert type(model.backbone).__name__ == "D2SwinTransformer"
+    if name in SWIN_BACKBONES:
+        assert type(model.backbone).__name__ == SWIN_BACKBONES[name]
     else:
         assert type(model.backbone).__module__.startswith("detectron2.")  # Detectron2's ResNet
     # DetectionCheckpointer loaded every tensor: the weights equal those load_checkpoint loads
@@ -299,7 +307,7 @@ def test_detectron2_build_model_matches_ours_and_official(d2, parity_dir, name):
     for k in sd:
         assert torch.equal(sd[k], ref[k]), k
 
-    io = np.load(parity_dir / f"tiny_{name}_io.npz")
+    io = np.load(parity_file(parity_dir, name, "_io.npz"))
     checked = set()
     for case in parity_cases(io):
         g = lambda key: io[f"{case}__{key}"]  # noqa: E731

@@ -6,7 +6,8 @@ Detectron2 can be imported:
 
 * registers the model under its official names in Detectron2's registries: META_ARCH
   "MaskFormer", SEM_SEG_HEADS "MaskFormerHead", BACKBONE "D2SwinTransformer" (Detectron2's own
-  "build_resnet_backbone" is used as is). Pixel decoders ("BasePixelDecoder",
+  "build_resnet_backbone" is used as is), and SeMask's META_ARCH "SeMaskMaskFormer", SEM_SEG_HEADS
+  "BranchMaskFormerHead" and BACKBONE "D2SeMaskSwinTransformer". Pixel decoders ("BasePixelDecoder",
   "MSDeformAttnPixelDecoder", ...) and transformer decoders ("MultiScaleMaskedTransformerDecoder",
   "StandardTransformerDecoder") live in this package's PIXEL_DECODER / TRANSFORMER_MODULE
   registries, as they live in the official extension's own registries (Detectron2 has none);

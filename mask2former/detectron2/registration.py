@@ -2,14 +2,17 @@
 
 :func:`register_all` is idempotent; ``import mask2former`` calls it when Detectron2 is installed.
 
-* META_ARCH "MaskFormer": :class:`MaskFormer`, this package's meta architecture (with the
-  accelerations of :mod:`mask2former.accel`) with its backbone
+* META_ARCH "MaskFormer" and "SeMaskMaskFormer": this package's meta architectures (with the
+  accelerations of :mod:`mask2former.accel`) with their backbone
   and head built through Detectron2's ``build_backbone`` / ``build_sem_seg_head`` (so Detectron2's
   ResNet, "build_resnet_backbone", is the R50/R101 backbone, as in the official extension),
-  thing classes read from Detectron2's ``MetadataCatalog`` and Detectron2 structures out.
-* SEM_SEG_HEADS "MaskFormerHead": this package's head, unchanged (it reads the ``channels`` and
-  ``stride`` of Detectron2's ``ShapeSpec`` like those of its own).
-* BACKBONE "D2SwinTransformer": this package's Swin, also a Detectron2 ``Backbone``.
+  thing classes read from Detectron2's ``MetadataCatalog`` and Detectron2 structures out
+  (:class:`_BuiltByDetectron2`).
+* SEM_SEG_HEADS "MaskFormerHead" and "BranchMaskFormerHead" (SeMask): this package's heads,
+  unchanged (they read the ``channels`` and ``stride`` of Detectron2's ``ShapeSpec`` like those of
+  their own).
+* BACKBONE "D2SwinTransformer" and "D2SeMaskSwinTransformer": this package's Swin and SeMask Swin,
+  also Detectron2 ``Backbone`` s (:class:`_Detectron2Shapes`).
 * Datasets: every name of this package's ``DatasetCatalog`` that Detectron2's lacks, loading
   through this package's loaders, with its metadata copied to Detectron2's ``MetadataCatalog``.
   Names Detectron2 registers itself (``coco_2017_val_panoptic``, ``ade20k_sem_seg_val``,
@@ -31,16 +34,21 @@ from ..accel import accelerates, set_fast_inference
 from ..accel.postprocess import SelectedPostprocessing
 from ..config.configurable import configurable
 from ..data.catalog import DatasetCatalog, MetadataCatalog, thing_contiguous_ids
+from ..modeling.backbone.semask_swin import D2SeMaskSwinTransformer as _SeMaskSwin
 from ..modeling.backbone.swin import D2SwinTransformer as _Swin
-from ..modeling.heads import MaskFormerHead
+from ..modeling.heads import BranchMaskFormerHead, MaskFormerHead
 from ..modeling.meta_arch.mask_former import MaskFormer as _MaskFormer
+from ..modeling.meta_arch.semask_mask_former import SeMaskMaskFormer as _SeMaskMaskFormer
 from ..utils.registry import PIXEL_DECODER_REGISTRY, TRANSFORMER_DECODER_REGISTRY
 from .convert import to_detectron2_outputs
 
 __all__ = [
     "MaskFormer",
+    "SeMaskMaskFormer",
     "MaskFormerHead",
+    "BranchMaskFormerHead",
     "D2SwinTransformer",
+    "D2SeMaskSwinTransformer",
     "PIXEL_DECODER_REGISTRY",
     "TRANSFORMER_DECODER_REGISTRY",
     "register_all",
@@ -63,11 +71,11 @@ def _thing_ids_from_detectron2(cfg) -> Optional[Set[int]]:
     return None
 
 
-class MaskFormer(_MaskFormer):
-    """Detectron2's META_ARCH "MaskFormer": this package's :class:`~mask2former.modeling.MaskFormer`
-    built from Detectron2's registries. Training returns the loss dict; inference returns one
-    dict per image with ``instances`` as a Detectron2 ``Instances``. Built with the inference
-    accelerations applied, as this package's ``build_model`` does (``fast_inference``)."""
+class _BuiltByDetectron2:
+    """Mixin before one of this package's meta architectures: built from Detectron2's registries.
+    Training returns the loss dict; inference returns one dict per image with ``instances`` as a
+    Detectron2 ``Instances``. Built with the inference accelerations applied, as this package's
+    ``build_model`` does (``fast_inference``)."""
 
     @configurable
     def __init__(self, **kwargs):
@@ -89,16 +97,40 @@ class MaskFormer(_MaskFormer):
         return outputs if self.training else to_detectron2_outputs(outputs)
 
 
+class MaskFormer(_BuiltByDetectron2, _MaskFormer):
+    """Detectron2's META_ARCH "MaskFormer": this package's :class:`~mask2former.modeling.MaskFormer`."""
+
+
+class SeMaskMaskFormer(_BuiltByDetectron2, _SeMaskMaskFormer):
+    """Detectron2's META_ARCH "SeMaskMaskFormer": this package's
+    :class:`~mask2former.modeling.meta_arch.semask_mask_former.SeMaskMaskFormer` (training adds
+    ``loss_cate``; samples need ``sem_seg``)."""
+
+
 @accelerates(MaskFormer)
 class _FastMaskFormer(SelectedPostprocessing, MaskFormer):
     pass
 
 
-class D2SwinTransformer(_Swin, D2Backbone):
-    """Detectron2's BACKBONE "D2SwinTransformer": this package's Swin as a Detectron2 ``Backbone``."""
+@accelerates(SeMaskMaskFormer)
+class _FastSeMaskMaskFormer(SelectedPostprocessing, SeMaskMaskFormer):
+    pass
+
+
+class _Detectron2Shapes:
+    """Mixin before one of this package's backbones: ``output_shape`` in Detectron2's ``ShapeSpec``."""
 
     def output_shape(self) -> Dict[str, D2ShapeSpec]:
         return {k: D2ShapeSpec(channels=v.channels, stride=v.stride) for k, v in super().output_shape().items()}
+
+
+class D2SwinTransformer(_Detectron2Shapes, _Swin, D2Backbone):
+    """Detectron2's BACKBONE "D2SwinTransformer": this package's Swin as a Detectron2 ``Backbone``."""
+
+
+class D2SeMaskSwinTransformer(_Detectron2Shapes, _SeMaskSwin, D2Backbone):
+    """Detectron2's BACKBONE "D2SeMaskSwinTransformer": this package's SeMask Swin (features from
+    ``forward``, semantic priors from ``forward_with_priors``) as a Detectron2 ``Backbone``."""
 
 
 def _register(registry, obj) -> None:
@@ -115,10 +147,12 @@ def _register(registry, obj) -> None:
 
 
 def register_models() -> None:
-    """MaskFormer, MaskFormerHead and D2SwinTransformer in Detectron2's registries."""
-    _register(META_ARCH_REGISTRY, MaskFormer)
-    _register(SEM_SEG_HEADS_REGISTRY, MaskFormerHead)
-    _register(BACKBONE_REGISTRY, D2SwinTransformer)
+    """The meta architectures, heads and backbones of this package in Detectron2's registries."""
+    for registry, objs in ((META_ARCH_REGISTRY, (MaskFormer, SeMaskMaskFormer)),
+                           (SEM_SEG_HEADS_REGISTRY, (MaskFormerHead, BranchMaskFormerHead)),
+                           (BACKBONE_REGISTRY, (D2SwinTransformer, D2SeMaskSwinTransformer))):
+        for obj in objs:
+            _register(registry, obj)
 
 
 def _load(name: str):

@@ -66,11 +66,10 @@ def semantic_prior_loss(logits: torch.Tensor, labels: Sequence[torch.Tensor], ig
         raise ValueError(f"semantic_prior_loss: {n} prior maps but {len(labels)} label maps")
     target = torch.full((n, h, w), ignore_value, dtype=torch.int64, device=logits.device)
     for i, lab in enumerate(labels):
-        lh, lw = lab.shape[-2:]
-        if lab.dim() != 2 or lh > h or lw > w:
+        if lab.dim() != 2 or lab.shape[0] > h or lab.shape[1] > w:
             raise ValueError(f"semantic_prior_loss: label map {i} has shape {tuple(lab.shape)}; expected (h, w) "
                              f"within the padded batch size {h}x{w}")
-        target[i, :lh, :lw] = lab.to(logits.device)
+        target[i, :lab.shape[0], :lab.shape[1]] = lab.to(logits.device)
     valid = target[target != ignore_value]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= k):
         raise ValueError(f"semantic_prior_loss: labels must lie in [0, {k}) or equal the ignore value {ignore_value}; "

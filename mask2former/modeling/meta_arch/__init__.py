@@ -1,3 +1,3 @@
-from .mask_former import MaskFormer, pad_images  # pad_images: public here before 29009e4 dropped it
+from .mask_former import MaskFormer, pad_images
 from .semask_mask_former import SeMaskMaskFormer
 from .kmax_deeplab import kMaXDeepLab
