@@ -258,3 +258,20 @@ def test_fast_inference_is_bitwise_the_plain_model(opts):
         for field in ("pred_masks", "scores", "pred_classes", "pred_boxes"):
             a, b = getattr(fast["instances"], field), getattr(plain["instances"], field)
             assert torch.equal(getattr(a, "tensor", a), getattr(b, "tensor", b)), field
+
+
+def test_swin_mask2former_checkpoint_loads_with_only_the_semantic_layers_missing(tmp_path):
+    """Fine-tuning a Swin Mask2Former into SeMask: every key of the plain model loads, and what is
+    missing is exactly the semantic layers."""
+    semask = tiny_model()
+    plain_cfg = tiny_cfg("MODEL.META_ARCHITECTURE", "MaskFormer", "MODEL.BACKBONE.NAME", "D2SwinTransformer",
+                         "MODEL.SEM_SEG_HEAD.NAME", "MaskFormerHead")
+    plain = m2f.build_model(plain_cfg)
+    path = tmp_path / "swin_m2f.pth"
+    torch.save({"model": plain.state_dict()}, path)
+    result = m2f.load_checkpoint(semask, str(path))
+    assert result.unexpected_keys == []
+    semantic = sorted(k for k in semask.state_dict() if ".semantic_layer." in k)
+    assert sorted(result.missing_keys) == semantic and len(semantic) == 4 * 11
+    key = "backbone.layers.2.blocks.1.attn.qkv.weight"
+    assert torch.equal(semask.state_dict()[key], plain.state_dict()[key])
