@@ -136,8 +136,7 @@ def aux_semantic_loss(logits: torch.Tensor, semantic: torch.Tensor, void: torch.
         index = gumbel_topk(_sample_logits(inverse_area.flatten(1), void.flatten(1), temperature), k, generator)
         semantic = torch.gather(semantic, 1, index)
         logits = torch.gather(logits, 2, index[:, None].expand(-1, logits.shape[1], -1))
-    ce = F.cross_entropy(logits, semantic, ignore_index=num_classes, reduction="none")
-    return mean_of_nonzero(ce * (semantic != num_classes).to(ce))
+    return mean_of_nonzero(F.cross_entropy(logits, semantic, ignore_index=num_classes, reduction="none"))
 
 
 class kMaXMatcher(nn.Module):
