@@ -10,6 +10,7 @@ from torch import nn
 import mask2former as m2f
 from mask2former.data import transforms as T
 from mask2former.data.dataset_mappers import PanoptickMaXDeepLabDatasetMapper, build_augmentations, build_mapper
+from mask2former.evaluation.selection import select_evaluator_kinds
 from mask2former.solver import TF2WarmupPolyLR, build_lr_scheduler, get_optimizer_param_groups
 from tests.conftest import REPO
 from tests.test_kmax_layers import build_meta, tiny_cfg
@@ -100,3 +101,14 @@ def test_kmax_augmentations_never_exceed_the_image_size():
         assert h <= 65 and w <= 97
         sizes.add((h, w))
     assert len(sizes) > 1  # smaller scales stay smaller: the model pads them
+
+
+def test_evaluators_follow_the_kmax_test_switches():
+    cfg = m2f.get_cfg()
+    cfg.merge_from_file(str(SYNTHETIC))
+    cfg.merge_from_list(["MODEL.KMAX_DEEPLAB.TEST.INSTANCE_ON", "False", "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "True"])
+    assert select_evaluator_kinds(cfg, "x", "coco_panoptic_seg") == ["coco_panoptic", "sem_seg"]
+    cfg.merge_from_list(["MODEL.KMAX_DEEPLAB.TEST.PANOPTIC_ON", "False", "MODEL.KMAX_DEEPLAB.TEST.SEMANTIC_ON",
+                         "False"])
+    with pytest.raises(NotImplementedError, match=r"MODEL\.KMAX_DEEPLAB\.TEST: PANOPTIC_ON=False"):
+        select_evaluator_kinds(cfg, "x", "coco_panoptic_seg")
