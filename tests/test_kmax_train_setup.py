@@ -112,3 +112,20 @@ def test_evaluators_follow_the_kmax_test_switches():
                          "False"])
     with pytest.raises(NotImplementedError, match=r"MODEL\.KMAX_DEEPLAB\.TEST: PANOPTIC_ON=False"):
         select_evaluator_kinds(cfg, "x", "coco_panoptic_seg")
+
+
+def test_syncbn_stand_in_takes_kmax_ranks():
+    """On CPU process groups the trainer swaps SyncBatchNorm for a per-process BN: it must take the
+    3-D and 5-D inputs kMaX gives its TF-style batch norms, as BatchNorm1d / 3d would."""
+    from mask2former.engine.trainer import _sync_bn_to_bn
+    from mask2former.layers.norm import tf_batch_norm
+
+    model = nn.ModuleDict({"a": tf_batch_norm(4), "b": tf_batch_norm(1)})
+    weight = model["a"].weight
+    model = _sync_bn_to_bn(model)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert isinstance(model["a"], nn.BatchNorm2d) and model["a"].weight is weight
+    for key, ref, x in (("a", nn.BatchNorm1d(4, eps=1e-3, momentum=0.01), torch.randn(3, 4, 7)),
+                        ("b", nn.BatchNorm3d(1, eps=1e-3, momentum=0.01), torch.randn(2, 1, 3, 5, 5))):
+        torch.testing.assert_close(model[key](x), ref(x))
+        torch.testing.assert_close(model[key].running_var, ref.running_var)
