@@ -121,8 +121,8 @@ class kMaXDeepLab(MaskFormer):
         for i, (x, im) in enumerate(zip(batched_inputs, images)):
             h, w = im.shape[-2:]
             if h > pad_h or w > pad_w:
-                raise ValueError(f"training mode: batched_inputs[{i}]['image'] is {h}x{w}, larger than INPUT.IMAGE_SIZE "
-                                 f"{[pad_h, pad_w]}; the training mapper must crop to it (e.g. "
+                raise ValueError(f"training mode: batched_inputs[{i}]['image'] is {h}x{w}, larger than "
+                                 f"INPUT.IMAGE_SIZE {[pad_h, pad_w]}; the training mapper must crop to it (e.g. "
                                  "INPUT.DATASET_MAPPER_NAME coco_panoptic_kmaxdeeplab)")
             if x.get("is_real_pixels") is not None:
                 images[i] = im * torch.as_tensor(x["is_real_pixels"]).to(im)
