@@ -1,13 +1,13 @@
 """kMaX-DeepLab trains on the real pipeline: configs/synthetic/panoptic_kmax.yaml (the kMaX mapper,
 loader, kMaXDeepLab with its losses, TF2WarmupPolyLR, the Trainer) on a small copy of the
 synthetic dataset; the losses go down and the trained model evaluates (PQ, AP, mIoU)."""
-import json
-
 import pytest
 
 from mask2former.engine import Trainer
 from tests.conftest import REPO
-from tests.test_train_synthetic import make_cfg, small_synthetic  # noqa: F401  (fixture)
+from tests.test_train_synthetic import logged_run, mean, small_synthetic  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CONFIG = REPO / "configs" / "synthetic" / "panoptic_kmax.yaml"
 # 65 x 65 inputs (32k + 1, as the config's 129), a higher rate: the run takes seconds per iteration
@@ -15,24 +15,7 @@ SMALL = {"INPUT.IMAGE_SIZE": (65, 65), "INPUT.MIN_SIZE_TEST": 65, "INPUT.MAX_SIZ
          "SOLVER.BASE_LR": 0.004, "MODEL.KMAX_DEEPLAB.PIXEL_INSDIS_SAMPLE_K": 128,
          "MODEL.KMAX_DEEPLAB.AUX_SEMANTIC_SAMPLE_K": 128}
 ITERS = 30
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def kmax_run(small_synthetic, tmp_path_factory):  # noqa: F811
-    out = tmp_path_factory.mktemp("kmax")
-    cfg = make_cfg(small_synthetic[1], out, ITERS, config=CONFIG, **SMALL)
-    trainer = Trainer(cfg, log_period=1)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    with open(out / "metrics.json") as f:
-        rows = [r for r in map(json.loads, f) if "total_loss" in r]
-    return cfg, trainer, rows
-
-
-def _mean(values):
-    return sum(values) / len(values)
+kmax_run = logged_run(CONFIG, SMALL, ITERS, "kmax")
 
 
 @pytest.mark.slow
@@ -44,7 +27,7 @@ def test_loss_goes_down(kmax_run):
     # matched mask similarity and class probability (the dice term grows as the classes are learnt),
     # and the instance discrimination falls slowly from scratch
     ce = [sum(v for k, v in r.items() if k.startswith(("loss_mask", "loss_aux_semantic"))) for r in rows]
-    assert _mean(ce[-5:]) < 0.9 * _mean(ce[:5]), ce
+    assert mean(ce[-5:]) < 0.9 * mean(ce[:5]), ce
 
 
 @pytest.mark.slow
