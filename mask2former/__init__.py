@@ -10,6 +10,7 @@ from .checkpoint import load_checkpoint
 from .config import UnsafeConfigError, add_deeplab_config, add_kmax_deeplab_config, add_maskformer2_config, get_cfg
 from .data.dataset_mappers import (  # the official package exports its mappers here too
     COCOInstanceNewBaselineDatasetMapper,
+    PanoptickMaXDeepLabDatasetMapper,
     COCOPanopticNewBaselineDatasetMapper,
     MaskFormerInstanceDatasetMapper,
     MaskFormerPanopticDatasetMapper,
@@ -35,6 +36,7 @@ __all__ = [
     "MaskFormerPanopticDatasetMapper",
     "MaskFormerInstanceDatasetMapper",
     "COCOInstanceNewBaselineDatasetMapper",
+    "PanoptickMaXDeepLabDatasetMapper",
     "COCOPanopticNewBaselineDatasetMapper",
 ]
 

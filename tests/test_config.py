@@ -101,7 +101,7 @@ def test_official_tree_is_complete():
 def _family(path: str):
     """(META_ARCHITECTURE, SEM_SEG_HEAD.NAME) of a config by the system it belongs to."""
     name = Path(path).name
-    if name.startswith("kmax_"):
+    if "kmax" in name:  # configs/*/kmax_*.yaml, configs/synthetic/panoptic_kmax.yaml
         return "kMaXDeepLab", "kMaXDeepLabHead"
     if "semask" in name:
         return "SeMaskMaskFormer", "BranchMaskFormerHead"

@@ -176,3 +176,58 @@ def test_a_feature_of_another_size_fails_clearly():
     model = m2f.build_model(tiny_cfg()).eval()
     with torch.no_grad(), pytest.raises(ValueError, match=r"built for 3 positions.*padded to INPUT\.IMAGE_SIZE"):
         model.predict_padded(torch.zeros(1, 3, 97, 97))
+
+
+# ----------------------------------------------------------------------------- CMT-DeepLab's soft clustering
+def naive_soft_kmeans(mask_logits, pixel_value):
+    """Each pixel shared among the clusters by its softmax over them, one pixel at a time."""
+    b, q = mask_logits.shape[:2]
+    logits = mask_logits.flatten(2).double()
+    out = torch.zeros(b, pixel_value.shape[1], q, dtype=torch.float64)
+    for i in range(b):
+        for m in range(logits.shape[-1]):
+            weights = torch.exp(logits[i, :, m]) / torch.exp(logits[i, :, m]).sum()
+            for c in range(q):
+                out[i, :, c] += weights[c] * pixel_value[i, :, m].double()
+    return out
+
+
+def test_soft_assignment_is_a_softmax_over_clusters_with_gradient():
+    g = torch.Generator().manual_seed(2)
+    mask_logits = torch.randn(2, 5, 3, 4, generator=g, requires_grad=True)
+    pixel_value = torch.randn(2, 4, 12, generator=g)
+    assignment = kmeans_assignment(mask_logits, "softmax")
+    torch.testing.assert_close(assignment.sum(1), torch.ones(2, 12))
+    update = kmeans_update(assignment, pixel_value)
+    torch.testing.assert_close(update.double(), naive_soft_kmeans(mask_logits.detach(), pixel_value),
+                               rtol=1e-5, atol=1e-5)
+    update.sum().backward()
+    assert mask_logits.grad is not None and mask_logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"TRANS_DEC\.ASSIGNMENT must be one of \['argmax', 'softmax'\], got 'hard'"):
+        kmeans_assignment(mask_logits, "hard")
+
+
+def test_assignment_key_reaches_every_layer_and_bad_values_name_it():
+    model = build_meta(tiny_cfg("MODEL.KMAX_DEEPLAB.TRANS_DEC.ASSIGNMENT", "softmax"))
+    layers = model.sem_seg_head.predictor._kmax_transformer_layers
+    assert [layer.assignment for layer in layers] == ["softmax"] * 3
+    assert {layer.assignment for layer in build_meta(tiny_cfg()).sem_seg_head.predictor._kmax_transformer_layers
+            } == {"argmax"}
+    with pytest.raises(ValueError, match=r"MODEL\.KMAX_DEEPLAB\.TRANS_DEC\.ASSIGNMENT.*got 'hard'"):
+        build_meta(tiny_cfg("MODEL.KMAX_DEEPLAB.TRANS_DEC.ASSIGNMENT", "hard"))
+
+
+def test_the_layer_updates_with_its_assignment(monkeypatch):
+    from mask2former.modeling.transformer_decoder import kmax_transformer_decoder as dec
+
+    modes = []
+
+    def recording(mask_logits, mode="argmax"):
+        modes.append(mode)
+        return kmeans_assignment(mask_logits, mode)
+
+    monkeypatch.setattr(dec, "kmeans_assignment", recording)
+    layer = dec.kMaXTransformerLayer(4, 8, assignment="softmax").eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 3, 3), torch.randn(1, 256, 5))
+    assert modes == ["softmax"]

@@ -194,7 +194,8 @@ def test_input_errors_are_clear(tiny):
         tiny([{"image": torch.zeros(97, 97, 3)}])
     tiny.train()
     try:
-        with pytest.raises(NotImplementedError, match="training"):
+        # training is implemented now (tests/test_kmax_training.py): a sample without targets is refused
+        with pytest.raises(ValueError, match="training mode.*no 'instances'"):
             tiny([{"image": torch.zeros(3, 97, 97)}])
     finally:
         tiny.eval()

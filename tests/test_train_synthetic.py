@@ -58,6 +58,32 @@ def make_cfg(names, output_dir, max_iter, config=CONFIG, **overrides):
     return cfg
 
 
+def train_logged(cfg):
+    """Train ``cfg`` from scratch logging every iteration; (trainer, the metrics.json rows with losses)."""
+    trainer = Trainer(cfg, log_period=1)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json")) as f:
+        return trainer, [r for r in map(json.loads, f) if "total_loss" in r]
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def logged_run(config, overrides, iters, name):
+    """A module-scoped fixture: (cfg, trainer, rows) of :func:`train_logged` on ``small_synthetic``
+    with ``config`` and ``overrides`` for ``iters`` iterations (assign it in the test module, which
+    must also import ``small_synthetic``)."""
+
+    @pytest.fixture(scope="module")
+    def run_fixture(small_synthetic, tmp_path_factory):
+        cfg = make_cfg(small_synthetic[1], tmp_path_factory.mktemp(name), iters, config=config, **overrides)
+        return (cfg,) + train_logged(cfg)
+
+    return run_fixture
+
+
 class NoEvalTrainer(Trainer):
     @classmethod
     def test(cls, cfg, model):

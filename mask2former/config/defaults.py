@@ -433,6 +433,11 @@ KMAX_DEEPLAB_DEFAULTS = {
                 # widths of those outputs (4x DEC_CHANNELS), then of the final stride-4 one
                 "IN_CHANNELS": [2048, 1024, 512],
                 "DROP_PATH_PROB": 0.0,
+                # ours: how pixels are assigned to the cluster centres in the k-means update.
+                # "argmax": kMaX-DeepLab's hard assignment; "softmax": CMT-DeepLab's clustering,
+                # a softmax over the clusters (only that: not its pixel-feature update nor its
+                # location-sensitive clustering)
+                "ASSIGNMENT": "argmax",
             },
             "TEST": {
                 "SEMANTIC_ON": False,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..config.defaults import MASKFORMER2_DEFAULTS
+from ..config.defaults import KMAX_DEEPLAB_DEFAULTS, MASKFORMER2_DEFAULTS
 
 __all__ = ["EVALUATOR_KINDS", "EVALUATOR_RULES", "evaluator_kinds", "task_switches", "select_evaluator_kinds"]
 
@@ -57,11 +57,19 @@ def evaluator_kinds(evaluator_type: Optional[str], *, panoptic_on: bool, instanc
     return [kind for kind, switch in EVALUATOR_RULES.get(evaluator_type, ()) if switch is None or on[switch]]
 
 
+def _switch_section(cfg: Any) -> str:
+    # kMaX-DeepLab's switches live under its own key, as its training script reads them
+    model = getattr(cfg, "MODEL", None)
+    return "KMAX_DEEPLAB" if getattr(model, "META_ARCHITECTURE", None) == "kMaXDeepLab" else "MASK_FORMER"
+
+
 def task_switches(cfg: Any) -> Dict[str, bool]:
-    """``{"PANOPTIC_ON", "INSTANCE_ON", "SEMANTIC_ON"}`` of ``cfg.MODEL.MASK_FORMER.TEST``; a key a
-    config lacks takes its default (config/defaults.py)."""
-    defaults = MASKFORMER2_DEFAULTS["MODEL"]["MASK_FORMER"]["TEST"]
-    test = getattr(getattr(getattr(cfg, "MODEL", None), "MASK_FORMER", None), "TEST", None)
+    """``{"PANOPTIC_ON", "INSTANCE_ON", "SEMANTIC_ON"}`` of ``cfg.MODEL.MASK_FORMER.TEST`` (of
+    ``cfg.MODEL.KMAX_DEEPLAB.TEST`` for a kMaXDeepLab model); a key a config lacks takes its
+    default (config/defaults.py)."""
+    section = _switch_section(cfg)
+    defaults = (KMAX_DEEPLAB_DEFAULTS if section == "KMAX_DEEPLAB" else MASKFORMER2_DEFAULTS)["MODEL"][section]["TEST"]
+    test = getattr(getattr(getattr(cfg, "MODEL", None), section, None), "TEST", None)
     return {key: bool(getattr(test, key, defaults[key])) for key in _SWITCHES}
 
 
@@ -74,7 +82,7 @@ def select_evaluator_kinds(cfg: Any, dataset_name: str, evaluator_type: Optional
     if not kinds:
         raise NotImplementedError(
             f"No evaluator for dataset {dataset_name!r} with evaluator_type={evaluator_type!r} "
-            f"(MODEL.MASK_FORMER.TEST: PANOPTIC_ON={switches['PANOPTIC_ON']}, "
+            f"(MODEL.{_switch_section(cfg)}.TEST: PANOPTIC_ON={switches['PANOPTIC_ON']}, "
             f"INSTANCE_ON={switches['INSTANCE_ON']}, SEMANTIC_ON={switches['SEMANTIC_ON']})"
         )
     return kinds

@@ -7,12 +7,21 @@ from .build import (
     build_optimizer,
     get_optimizer_param_groups,
 )
-from .lr_scheduler import LRMultiplier, WarmupParamScheduler, WarmupPolyParamScheduler, warmup_factor_at_iter
+from .lr_scheduler import (
+    LRMultiplier,
+    TF2WarmupPolyLR,
+    TF2WarmupPolyParamScheduler,
+    WarmupParamScheduler,
+    WarmupPolyParamScheduler,
+    warmup_factor_at_iter,
+)
 
 __all__ = [
     "NORM_MODULE_TYPES",
     "GradientClipper",
     "LRMultiplier",
+    "TF2WarmupPolyLR",
+    "TF2WarmupPolyParamScheduler",
     "WarmupParamScheduler",
     "WarmupPolyParamScheduler",
     "build_gradient_clipper",

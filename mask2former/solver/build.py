@@ -8,6 +8,9 @@ Parameter groups follow Mask2Former's training script:
   ``absolute_pos_embed``; ``WEIGHT_DECAY_NORM`` for parameters of normalization layers;
   ``WEIGHT_DECAY_EMBED`` for ``nn.Embedding`` weights (``query_feat``, ``query_embed``,
   ``level_embed`` of the transformer decoder);
+* kMaX-DeepLab (``MODEL.META_ARCHITECTURE`` kMaXDeepLab) adds its training script's rules, applied
+  last: no weight decay for parameters of modules named ``*_rpe*`` (axial attention's relative
+  positions) or ``*_cluster_centers*``, and for parameters named ``*bias*`` or ``*gamma*``;
 * Detectron2's legacy bias options: parameters named ``bias`` get ``lr * BIAS_LR_FACTOR`` and,
   when ``WEIGHT_DECAY_BIAS`` is not None, that weight decay (it takes precedence over the rules
   above, as in Detectron2). The defaults (1.0, None) change nothing.
@@ -34,7 +37,7 @@ from torch import nn
 
 from ..config.defaults import MASKFORMER2_DEFAULTS
 from ..layers.norm import FrozenBatchNorm2d, LayerNorm2d
-from .lr_scheduler import LRMultiplier, WarmupParamScheduler, WarmupPolyParamScheduler
+from .lr_scheduler import LRMultiplier, TF2WarmupPolyLR, WarmupParamScheduler, WarmupPolyParamScheduler
 
 __all__ = [
     "NORM_MODULE_TYPES",
@@ -64,6 +67,8 @@ NORM_MODULE_TYPES: Tuple[type, ...] = (
 )
 
 _NO_DECAY_PARAM_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+_KMAX_NO_DECAY_MODULES = ("_rpe", "_cluster_centers")
+_KMAX_NO_DECAY_PARAMS = ("bias", "gamma")
 
 
 # ----------------------------------------------------------------------------- parameter groups
@@ -77,10 +82,12 @@ def get_optimizer_param_groups(
     weight_decay_embed: Optional[float] = None,
     bias_lr_factor: float = 1.0,
     weight_decay_bias: Optional[float] = None,
+    kmax_rules: bool = False,
 ) -> List[Dict[str, Any]]:
     """Optimizer param groups with the per-parameter lr / weight decay described in the module doc.
 
-    ``None`` for ``weight_decay_norm`` / ``weight_decay_embed`` means "same as weight_decay".
+    ``None`` for ``weight_decay_norm`` / ``weight_decay_embed`` means "same as weight_decay";
+    ``kmax_rules``: kMaX-DeepLab's no-decay rules.
     """
     seen: set = set()
     per_param: List[Tuple[nn.Parameter, float, float]] = []
@@ -99,6 +106,9 @@ def get_optimizer_param_groups(
                 wd = weight_decay_norm
             if isinstance(module, nn.Embedding) and weight_decay_embed is not None:
                 wd = weight_decay_embed
+            if kmax_rules and (any(key in module_name for key in _KMAX_NO_DECAY_MODULES)
+                               or any(key in param_name for key in _KMAX_NO_DECAY_PARAMS)):
+                wd = 0.0
             if param_name == "bias":
                 lr = lr * bias_lr_factor
                 if weight_decay_bias is not None:
@@ -130,6 +140,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay_embed=_maskformer2_key(s, "WEIGHT_DECAY_EMBED"),
         bias_lr_factor=s.BIAS_LR_FACTOR,
         weight_decay_bias=s.WEIGHT_DECAY_BIAS,
+        kmax_rules=cfg.MODEL.META_ARCHITECTURE == "kMaXDeepLab",
     )
     if not groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
@@ -202,7 +213,8 @@ def build_gradient_clipper(cfg) -> Optional[GradientClipper]:
 
 # ----------------------------------------------------------------------------- LR schedule
 def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> LRMultiplier:
-    """``SOLVER.LR_SCHEDULER_NAME``: WarmupPolyLR, WarmupMultiStepLR, WarmupCosineLR or
+    """``SOLVER.LR_SCHEDULER_NAME``: WarmupPolyLR, TF2WarmupPolyLR (kMaX-DeepLab's, see
+    :class:`~.lr_scheduler.TF2WarmupPolyParamScheduler`), WarmupMultiStepLR, WarmupCosineLR or
     WarmupStepWithFixedGammaLR, with ``WARMUP_ITERS`` / ``WARMUP_FACTOR`` / ``WARMUP_METHOD``.
 
     WarmupPolyLR is DeepLab's schedule: the warmup factor multiplies ``(1 - it/MAX_ITER)**POLY_LR_POWER``
@@ -216,6 +228,10 @@ def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> LRMultiplier:
     if max_iter <= 0:
         raise ValueError(f"SOLVER.MAX_ITER must be positive, got {max_iter}")
 
+    if name == "TF2WarmupPolyLR":
+        return TF2WarmupPolyLR(optimizer, max_iter, warmup_factor=s.WARMUP_FACTOR, warmup_iters=s.WARMUP_ITERS,
+                               warmup_method=s.WARMUP_METHOD, power=s.POLY_LR_POWER,
+                               constant_ending=s.POLY_LR_CONSTANT_ENDING)
     if name == "WarmupPolyLR":
         sched = WarmupPolyParamScheduler(
             max_iter,
@@ -249,7 +265,7 @@ def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> LRMultiplier:
         )
     else:
         raise ValueError(
-            f"SOLVER.LR_SCHEDULER_NAME = {name!r} is not supported; expected one of WarmupPolyLR, "
+            f"SOLVER.LR_SCHEDULER_NAME = {name!r} is not supported; expected one of WarmupPolyLR, TF2WarmupPolyLR, "
             "WarmupMultiStepLR, WarmupCosineLR, WarmupStepWithFixedGammaLR"
         )
     sched = WarmupParamScheduler(

@@ -31,6 +31,8 @@ except ImportError:  # pragma: no cover - older torch
 
 __all__ = [
     "LRMultiplier",
+    "TF2WarmupPolyLR",
+    "TF2WarmupPolyParamScheduler",
     "WarmupParamScheduler",
     "WarmupPolyParamScheduler",
     "warmup_factor_at_iter",
@@ -93,6 +95,18 @@ class WarmupPolyParamScheduler(ParamScheduler):
 
     def __call__(self, where: float) -> float:
         return self.value_at_iter(where * self.max_iter)
+
+
+class TF2WarmupPolyParamScheduler(WarmupPolyParamScheduler):
+    """kMaX-DeepLab's ``TF2WarmupPolyLR`` (DeepLab2's TF schedule), as a multiplier: the warmup
+    factor alone during warmup, then ``(1 - it / max_iter) ** power`` (warmup is a phase; the
+    multiplier jumps from about 1 to the poly value where it ends), with the same constant ending."""
+
+    def value_at_iter(self, it: Union[int, float]) -> float:
+        if it < self.warmup_iters:
+            return warmup_factor_at_iter(self.warmup_method, it, self.warmup_iters, self.warmup_factor)
+        poly = math.pow(max(1.0 - it / self.max_iter, 0.0), self.power)
+        return self.constant_ending if 0 < self.constant_ending and poly < self.constant_ending else poly
 
 
 class WarmupParamScheduler(CompositeParamScheduler):
@@ -171,3 +185,13 @@ class LRMultiplier(_TorchLRScheduler):
         for group, lr in zip(self.optimizer.param_groups, self._values()):
             group["lr"] = lr
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def TF2WarmupPolyLR(optimizer: torch.optim.Optimizer, max_iters: int, warmup_factor: float = 0.001,
+                    warmup_iters: int = 1000, warmup_method: str = "linear", last_epoch: int = -1,
+                    power: float = 0.9, constant_ending: float = 0.0) -> LRMultiplier:
+    """kMaX-DeepLab's scheduler under its name and arguments (SOLVER.LR_SCHEDULER_NAME "TF2WarmupPolyLR")."""
+    sched = TF2WarmupPolyParamScheduler(max_iters, power=power, constant_ending=constant_ending,
+                                        warmup_factor=warmup_factor, warmup_iters=warmup_iters,
+                                        warmup_method=warmup_method)
+    return LRMultiplier(optimizer, sched, max_iters, last_iter=last_epoch)

@@ -6,19 +6,24 @@ configurations of it, registered in :data:`MAPPER_REGISTRY` (``DATASET_MAPPER_RE
 :mod:`mask2former.utils.registry`) under the official names and importable under the official
 class names (each built as ``Cls(cfg, is_train=True)``):
 
-========================  ====================================  ========  ===========
-name                      class                                 targets   style
-========================  ====================================  ========  ===========
-``mask_former_semantic``  MaskFormerSemanticDatasetMapper       semantic  resize_crop
-``mask_former_panoptic``  MaskFormerPanopticDatasetMapper       panoptic  resize_crop
-``mask_former_instance``  MaskFormerInstanceDatasetMapper       instance  resize_crop
-``coco_panoptic_lsj``     COCOPanopticNewBaselineDatasetMapper  panoptic  lsj
-``coco_instance_lsj``     COCOInstanceNewBaselineDatasetMapper  instance  lsj
-========================  ====================================  ========  ===========
+=============================  ====================================  ========  ===========
+name                           class                                 targets   style
+=============================  ====================================  ========  ===========
+``mask_former_semantic``       MaskFormerSemanticDatasetMapper       semantic  resize_crop
+``mask_former_panoptic``       MaskFormerPanopticDatasetMapper       panoptic  resize_crop
+``mask_former_instance``       MaskFormerInstanceDatasetMapper       instance  resize_crop
+``coco_panoptic_lsj``          COCOPanopticNewBaselineDatasetMapper  panoptic  lsj
+``coco_instance_lsj``          COCOInstanceNewBaselineDatasetMapper  instance  lsj
+``coco_panoptic_kmaxdeeplab``  PanoptickMaXDeepLabDatasetMapper      panoptic  kmax
+=============================  ====================================  ========  ===========
+
+(A kMaX-DeepLab model also reads its configs' ``coco_panoptic_lsj``,
+``ade20k_panoptic_lsj`` and ``cityscapes_panoptic_lsj`` as this one, as its training script does.)
 
 Training augmentations (:func:`build_augmentations`): ``resize_crop`` is ResizeShortestEdge,
 [crop: the category-area crop for semantic / panoptic, a plain crop for instance], [SSD colour],
-flip; ``lsj`` is flip, ResizeScale, FixedSizeCrop (INPUT.IMAGE_SIZE).
+flip; ``lsj`` is flip, ResizeScale, FixedSizeCrop (INPUT.IMAGE_SIZE); ``kmax`` is ResizeScale, SSD
+colour, a random crop of at most INPUT.IMAGE_SIZE, flip.
 
 A mapper of one's own: ``@register_mapper("my_mapper")`` on a class or function called as
 ``fn(cfg, is_train)``, then ``INPUT.DATASET_MAPPER_NAME: my_mapper``; :func:`build_mapper` (and
@@ -76,6 +81,7 @@ from .official import (
     MaskFormerInstanceDatasetMapper,
     MaskFormerPanopticDatasetMapper,
     MaskFormerSemanticDatasetMapper,
+    PanoptickMaXDeepLabDatasetMapper,
     build_augmentations,
     build_mapper,
     register_mapper,

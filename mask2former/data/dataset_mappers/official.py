@@ -28,6 +28,8 @@ __all__ = [
     "MaskFormerInstanceDatasetMapper",
     "COCOPanopticNewBaselineDatasetMapper",
     "COCOInstanceNewBaselineDatasetMapper",
+    "PanoptickMaXDeepLabDatasetMapper",
+    "KMAX_MAPPER_NAMES",
 ]
 
 MAPPER_REGISTRY = DATASET_MAPPER_REGISTRY  # the name this package has always used
@@ -39,9 +41,17 @@ def register_mapper(name: str):
     return MAPPER_REGISTRY.register(name=name)
 
 
+# kMaX-DeepLab's training script maps these INPUT.DATASET_MAPPER_NAME values of its configs to
+# its own mapper; with MODEL.META_ARCHITECTURE kMaXDeepLab they mean the same here
+KMAX_MAPPER_NAMES = ("coco_panoptic_lsj", "ade20k_panoptic_lsj", "cityscapes_panoptic_lsj")
+
+
 def build_mapper(cfg, is_train: bool = True):
-    """The mapper named by INPUT.DATASET_MAPPER_NAME (training or inference variant)."""
+    """The mapper named by INPUT.DATASET_MAPPER_NAME (training or inference variant); a kMaX-DeepLab
+    model reads the names of :data:`KMAX_MAPPER_NAMES` as ``coco_panoptic_kmaxdeeplab``."""
     name = cfg.INPUT.DATASET_MAPPER_NAME
+    if name in KMAX_MAPPER_NAMES and cfg.MODEL.META_ARCHITECTURE == "kMaXDeepLab":
+        name = PanoptickMaXDeepLabDatasetMapper.NAME
     if name not in MAPPER_REGISTRY:
         raise KeyError(
             f"INPUT.DATASET_MAPPER_NAME={name!r} is not a known dataset mapper; "
@@ -69,6 +79,8 @@ def build_augmentations(cfg, is_train: bool, style: str = "resize_crop",
     ``category_area_crop``); if INPUT.COLOR_AUG_SSD the SSD colour jitter; the flip.
     ``style="lsj"``: flip, ResizeScale(MIN_SCALE, MAX_SCALE, IMAGE_SIZE), FixedSizeCrop(IMAGE_SIZE)
     (IMAGE_SIZE n is an n x n crop, [h, w] an h x w one).
+    ``style="kmax"`` (kMaX-DeepLab): ResizeScale(MIN_SCALE, MAX_SCALE, IMAGE_SIZE), the SSD colour
+    jitter, a random crop of at most IMAGE_SIZE (no padding: the model pads), the flip.
     At inference: ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST).
     """
     inp = cfg.INPUT
@@ -80,6 +92,10 @@ def build_augmentations(cfg, is_train: bool, style: str = "resize_crop",
             T.ResizeScale(inp.MIN_SCALE, inp.MAX_SCALE, h, w),
             T.FixedSizeCrop((h, w)),
         ]
+    if style == "kmax":
+        h, w = image_size_hw(inp.IMAGE_SIZE)
+        return [T.ResizeScale(inp.MIN_SCALE, inp.MAX_SCALE, h, w), T.ColorAugSSD(inp.FORMAT),
+                T.RandomCrop("absolute", (h, w))] + _flip(cfg)
     if style != "resize_crop":
         raise ValueError(f"unknown augmentation style {style!r}")
     augs: List[T.Augmentation] = [
@@ -173,3 +189,13 @@ class COCOInstanceNewBaselineDatasetMapper(_OfficialMapper):
 
     NAME, TASK, STYLE = "coco_instance_lsj", "instance", "lsj"
     OPTIONS = {"filter_empty_instances": True, "with_boxes": True}
+
+
+@_official
+class PanoptickMaXDeepLabDatasetMapper(_OfficialMapper):
+    """``coco_panoptic_kmaxdeeplab`` (and, for a kMaX-DeepLab model, :data:`KMAX_MAPPER_NAMES`):
+    panoptic targets at the image's size; kMaX's large-scale jitter to IMAGE_SIZE (style "kmax").
+    Not reproduced: the official copy-paste of a second image's segments and its redraw of
+    samples with at most 4096 labelled stride-4 pixels."""
+
+    NAME, TASK, STYLE = "coco_panoptic_kmaxdeeplab", "panoptic", "kmax"

@@ -16,6 +16,13 @@ and an image whose crop would not be its own area (long side shorter than IMAGE_
 cropped to its own area. Inputs that follow the convention get the official numbers. Without
 "height"/"width" the output has the input image's size (the official code returns the padded one).
 
+Training (``model.train()``): each sample also carries "instances" (gt_classes (N,), gt_masks
+(N, h, w) at the image's size, h, w within IMAGE_SIZE: the kMaX mappers crop to it) and optionally
+"is_real_pixels" (h, w); the normalised image is zeroed where that is False and zero-padded to
+IMAGE_SIZE, the masks are padded likewise and read at every 4th pixel ([::4, ::4], the stride-4
+output's grid); the kMaX losses (kmax_criterion.py) come back weighted by their
+MODEL.KMAX_DEEPLAB.*_WEIGHT, computed in float32.
+
 Output per image: "panoptic_seg" (int32 (oh, ow), segments_info) and "original_image" (the model
 input cropped and resized to (oh, ow), uint8 (3, oh, ow), as the official code returns) when
 PANOPTIC_ON; "sem_seg" (K, oh, ow) class probabilities when SEMANTIC_ON; "instances" when INSTANCE_ON.
@@ -33,6 +40,7 @@ from ...config.config import image_size_hw
 from ...config.configurable import configurable
 from ...utils.registry import META_ARCH_REGISTRY
 from .. import kmax_postprocessing as post
+from ..kmax_criterion import build_kmax_criterion
 from ..backbone import build_backbone
 from ..heads import build_sem_seg_head
 from .mask_former import MaskFormer, thing_ids_for
@@ -55,8 +63,8 @@ def output_crop(image_hw: Tuple[int, int], padded_hw: Tuple[int, int], out_hw: T
 
 @META_ARCH_REGISTRY.register()
 class kMaXDeepLab(MaskFormer):
-    """MaskFormer's input checks and fast-inference switch; kMaX's input size and post-processing.
-    Training (the kMaX losses) is not implemented yet."""
+    """MaskFormer's input checks, training loop and fast-inference switch; kMaX's input size,
+    losses and post-processing."""
 
     @configurable
     def __init__(self, *, input_size: Sequence[int], pixel_confidence_threshold: float, class_threshold_thing: float,
@@ -82,7 +90,7 @@ class kMaXDeepLab(MaskFormer):
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
-            "criterion": None,
+            "criterion": build_kmax_criterion(cfg, sem_seg_head.num_classes),
             "num_queries": k.TRANS_DEC.NUM_OBJECT_QUERIES,
             "overlap_threshold": k.TEST.OVERLAP_THRESHOLD,
             "thing_ids": thing_ids_for(cfg),
@@ -102,11 +110,35 @@ class kMaXDeepLab(MaskFormer):
             "channel_last_format": k.CHANNEL_LAST_FORMAT,
         }
 
-    def forward(self, batched_inputs: List[Dict]):
-        if self.training:
-            raise NotImplementedError("kMaX-DeepLab training (its losses) is not implemented yet; call model.eval() "
-                                      "for inference")
-        return self.inference(batched_inputs)
+    # the stride of the mask logits; targets are read on their grid
+    MASK_STRIDE = 4
+
+    def preprocess(self, batched_inputs: List[Dict]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+        """Training batch: normalised images, zeroed where "is_real_pixels" is False, zero-padded
+        to INPUT.IMAGE_SIZE; returns it and the unpadded sizes."""
+        images = self.normalize(batched_inputs)
+        pad_h, pad_w = self.input_size
+        for i, (x, im) in enumerate(zip(batched_inputs, images)):
+            h, w = im.shape[-2:]
+            if h > pad_h or w > pad_w:
+                raise ValueError(f"training mode: batched_inputs[{i}]['image'] is {h}x{w}, larger than "
+                                 f"INPUT.IMAGE_SIZE {[pad_h, pad_w]}; the training mapper must crop to it (e.g. "
+                                 "INPUT.DATASET_MAPPER_NAME coco_panoptic_kmaxdeeplab)")
+            if x.get("is_real_pixels") is not None:
+                images[i] = im * torch.as_tensor(x["is_real_pixels"]).to(im)
+        batch = torch.stack([F.pad(im, (0, pad_w - im.shape[-1], 0, pad_h - im.shape[-2])) for im in images])
+        return batch, [tuple(im.shape[-2:]) for im in images]
+
+    def compute_losses(self, images: torch.Tensor, targets: List[Dict], batched_inputs: List[Dict]) -> Dict:
+        outputs = self.predict_padded(images)
+        size = tuple(outputs["pred_masks"].shape[-2:])
+        s = self.MASK_STRIDE
+        targets = [{"labels": t["labels"], "masks": t["masks"][:, ::s, ::s]} for t in targets]
+        if targets and tuple(targets[0]["masks"].shape[-2:]) != size:
+            raise ValueError(f"the masks of INPUT.IMAGE_SIZE {list(self.input_size)} read at every {s}th pixel are "
+                             f"{tuple(targets[0]['masks'].shape[-2:])}, the predicted masks {size}")
+        with torch.autocast(images.device.type, enabled=False):
+            return self.criterion(outputs, targets)
 
     def fit_inputs(self, batched_inputs: List[Dict]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Validated inputs -> (normalised images, float images 0..255), each (C, h, w) with h, w

@@ -9,6 +9,9 @@ Each ``kMaXTransformerLayer``:
      a one-channel batch norm);
   2. k-means update: every pixel is assigned to its arg-max cluster (no gradient through the
      assignment), each centre receives the sum of its pixels' values, summed in float32;
+     with TRANS_DEC.ASSIGNMENT "softmax" (CMT-DeepLab's clustering) every pixel is shared among
+     the clusters by the softmax over them (differentiable) and each centre receives the
+     weighted sum;
   3. self-attention among the centres, then an FFN (256 -> 2048 -> 256).
 Outputs: {"pred_logits" (B, Q, K+1), "pred_masks" (B, Q, H/4, W/4), "pixel_feature" (B, 128, H/4,
 W/4)}, plus in training "aux_outputs" (one per layer, resized to the final size) and
@@ -29,14 +32,29 @@ from ...utils.registry import TRANSFORMER_DECODER_REGISTRY
 from ..pixel_decoder.kmax_pixel_decoder import resize_aligned
 from .kmax_aux_semantic import SemanticPredictor, light_semantic_predictor
 
-__all__ = ["kmeans_assignment", "kmeans_update", "kMaXPredictor", "kMaXTransformerLayer", "kMaXTransformerDecoder"]
+__all__ = ["ASSIGNMENTS", "kmeans_assignment", "kmeans_update", "kMaXPredictor", "kMaXTransformerLayer",
+           "kMaXTransformerDecoder"]
 
 CHANNELS = 256  # cluster centre width, fixed in the official model
 
 
-def kmeans_assignment(mask_logits: torch.Tensor) -> torch.Tensor:
-    """(B, Q, h, w) mask logits -> (B, Q, h*w) one-hot arg-max assignment of every pixel to a
-    cluster, without gradient (the clustering is a hard decision)."""
+ASSIGNMENTS = ("argmax", "softmax")
+
+
+def _check_assignment(mode: str) -> str:
+    if mode not in ASSIGNMENTS:
+        raise ValueError(f"MODEL.KMAX_DEEPLAB.TRANS_DEC.ASSIGNMENT must be one of {list(ASSIGNMENTS)}, got {mode!r}")
+    return mode
+
+
+def kmeans_assignment(mask_logits: torch.Tensor, mode: str = "argmax") -> torch.Tensor:
+    """(B, Q, h, w) mask logits -> (B, Q, h*w) assignment of every pixel to the clusters.
+
+    "argmax" (kMaX-DeepLab): one-hot on the arg-max cluster, without gradient (a hard decision).
+    "softmax" (CMT-DeepLab's clustering): the softmax over the clusters, differentiable (the
+    cluster-wise softmax of its cross-attention)."""
+    if _check_assignment(mode) == "softmax":
+        return F.softmax(mask_logits.flatten(2).float(), dim=1)
     with torch.no_grad():
         logits = mask_logits.detach().flatten(2)
         index = logits.max(1, keepdim=True)[1]
@@ -112,8 +130,10 @@ class kMaXTransformerLayer(nn.Module):
     made from the old ones."""
 
     def __init__(self, num_classes: int, in_channel_pixel: int, in_channel_query: int = CHANNELS,
-                 base_filters: int = 128, num_heads: int = 8, drop_path_prob: float = 0.0):
+                 base_filters: int = 128, num_heads: int = 8, drop_path_prob: float = 0.0,
+                 assignment: str = "argmax"):
         super().__init__()
+        self.assignment = _check_assignment(assignment)
         self._num_heads = num_heads
         self._bottleneck_channels = bottleneck = 2 * base_filters
         self._total_key_depth = base_filters
@@ -151,7 +171,7 @@ class kMaXTransformerLayer(nn.Module):
         pixel_value = self._pixel_v_conv_bn(pixel_space).reshape(n, self._total_value_depth, h * w)
         prediction = self._predcitor(mask_embeddings=query_space, class_embeddings=query_space,
                                      pixel_feature=pixel_space)
-        update = kmeans_update(kmeans_assignment(prediction["mask_logits"]), pixel_value)
+        update = kmeans_update(kmeans_assignment(prediction["mask_logits"], self.assignment), pixel_value)
         update = self._kmeans_query_conv3_bn(self._kmeans_query_batch_norm_retrieved_value(update))
         query_feature = query_feature + self.drop_path_kmeans(update)
 
@@ -174,7 +194,7 @@ class kMaXTransformerDecoder(nn.Module):
     @configurable
     def __init__(self, *, dec_layers: Sequence[int], in_channels: Sequence[int], num_classes: int, num_queries: int,
                  drop_path_prob: float, add_aux_semantic_pred: bool, use_aux_semantic_decoder: bool,
-                 input_shape_from_backbone: Dict[str, ShapeSpec]):
+                 input_shape_from_backbone: Dict[str, ShapeSpec], assignment: str = "argmax"):
         super().__init__()
         key = "MODEL.KMAX_DEEPLAB.TRANS_DEC"
         if len(dec_layers) != 3:
@@ -184,7 +204,7 @@ class kMaXTransformerDecoder(nn.Module):
                              f"its last one), got {list(in_channels)}")
         self._num_blocks = list(dec_layers)
         self._kmax_transformer_layers = nn.ModuleList(
-            kMaXTransformerLayer(num_classes + 1, in_channels[i], drop_path_prob=drop_path_prob)
+            kMaXTransformerLayer(num_classes + 1, in_channels[i], drop_path_prob=drop_path_prob, assignment=assignment)
             for i in range(3) for _ in range(dec_layers[i]))
         self._num_queries = num_queries
         self._cluster_centers = nn.Embedding(CHANNELS, num_queries)  # weight (256, Q): centres as columns
@@ -220,6 +240,7 @@ class kMaXTransformerDecoder(nn.Module):
             "add_aux_semantic_pred": k.AUX_SEMANTIC_WEIGHT > 0,
             "use_aux_semantic_decoder": k.USE_AUX_SEMANTIC_DECODER,
             "input_shape_from_backbone": input_shape_from_backbone,
+            "assignment": k.TRANS_DEC.ASSIGNMENT,
         }
 
     def forward(self, x: List[torch.Tensor], panoptic_features: torch.Tensor,
