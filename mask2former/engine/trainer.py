@@ -363,21 +363,19 @@ class Trainer(TrainLoop):
         return self.last_eval_results
 
 
-class LocalBatchNorm(nn.BatchNorm2d):
-    """SyncBatchNorm's per-process stand-in: a BatchNorm2d (so norm-type rules still apply) that
-    takes any input rank >= 2, (N, C, ...), as SyncBatchNorm does (kMaX-DeepLab normalises 3-D
-    and 5-D tensors)."""
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {input.dim()}")
+def _any_rank(input: torch.Tensor) -> None:
+    if input.dim() < 2:
+        raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {input.dim()}")
 
 
 def _sync_bn_to_bn(module: nn.Module) -> nn.Module:
-    """Replace SyncBatchNorm (CUDA only in torch) by :class:`LocalBatchNorm` for CPU process groups."""
+    """Replace SyncBatchNorm (CUDA only in torch) by BatchNorm2d for CPU process groups; like
+    SyncBatchNorm it takes any input rank >= 2, (N, C, ...) (kMaX-DeepLab normalises 3-D and 5-D
+    tensors)."""
     if isinstance(module, nn.SyncBatchNorm):
-        bn = LocalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+        bn = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats)
+        bn._check_input_dim = _any_rank  # BatchNorm2d's own check accepts 4-D inputs only
         if module.affine:
             bn.weight = module.weight
             bn.bias = module.bias
