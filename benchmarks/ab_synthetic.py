@@ -9,6 +9,13 @@ intermediate evaluation and no checkpoint before the last, then evaluates on the
 split. Runs are interleaved (seed by seed, every system) so that machine noise falls on all alike.
 The step time is the median ``time`` of metrics.json (forward, backward and optimizer step of one
 iteration, logged every 20); the peak memory is the child's ``ru_maxrss`` (training and evaluation).
+
+``--step-time N`` (:func:`step_time`) measures instead the cost per iteration so that machine noise
+falls on every system alike: one process builds every system (its config, the same seed), draws N
+training batches from each system's own data pipeline and times a training step (forward,
+backward, optimizer) of each system on its i-th batch, rotating which goes first, then the same
+for inference (eval mode, one image of the validation split). Printed: the median times and their
+ratios to the baseline.
 """
 import argparse
 import json
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 from typing import Dict, Sequence, Tuple
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # --step-time imports this checkout's package, installed or not
 
 
 @dataclass
@@ -38,12 +46,16 @@ def parse_args(spec: ABSpec, argv=None):
     p.add_argument("--budgets", type=int, nargs="+", default=list(spec.budgets),
                    help=f"training iterations (default {' '.join(map(str, spec.budgets))})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("--systems", nargs="+", default=None, choices=list(spec.systems),
+                   help="run only these systems (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one torch thread each when > 1 (default 1)")
     p.add_argument("--datasets-root", default=None,
                    help="$DETECTRON2_DATASETS holding synthetic/ (default: a folder in the temp dir, generated once)")
     p.add_argument("--quick", action="store_true", help="a 64-image train / 8-image val copy of the dataset")
     p.add_argument("--work-dir", default=None, help="where the runs write (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write every run's numbers and the summary here")
+    p.add_argument("--step-time", type=int, default=0, metavar="N",
+                   help="instead of training: N paired training steps and inferences per system (see above)")
     return p.parse_args(argv)
 
 
@@ -124,12 +136,75 @@ def print_table(spec, rows):
                       f"peak RSS x{b['peak_rss_mb'][0] / a['peak_rss_mb'][0]:.2f}")
 
 
+def step_time(spec: ABSpec, n: int, seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """Paired per-iteration times (see the module docstring); returns {"train"|"inference": {system: median s}}."""
+    import torch
+
+    import mask2former as m2f
+    from mask2former.data.datasets import synthetic
+    from mask2former.engine import Trainer
+
+    synthetic.ensure_synthetic_dataset()
+    systems, batches = {}, {}
+    for name, path in spec.systems.items():
+        cfg = m2f.get_cfg()
+        cfg.merge_from_file(os.path.join(REPO_ROOT, path))
+        cfg.merge_from_list(["SEED", seed, "DATALOADER.NUM_WORKERS", 0])
+        torch.manual_seed(seed)
+        model = Trainer.build_model(cfg)
+        systems[name] = (model, Trainer.build_optimizer(cfg, model))
+        loader = iter(Trainer.build_train_loader(cfg))
+        batches[name] = [next(loader) for _ in range(n)]
+        test_loader = iter(Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0]))
+        batches[name + "/test"] = next(test_loader)
+    names = list(systems)
+
+    def rotation(i):
+        k = i % len(names)
+        return names[k:] + names[:k]
+
+    times = {"train": {s: [] for s in names}, "inference": {s: [] for s in names}}
+    for i in range(n):
+        for name in rotation(i):
+            model, opt = systems[name]
+            model.train()
+            t0 = time.perf_counter()
+            losses = sum(model(batches[name][i]).values())
+            opt.zero_grad(set_to_none=True)
+            losses.backward()
+            opt.step()
+            times["train"][name].append(time.perf_counter() - t0)
+    with torch.no_grad():
+        for i in range(n):
+            for name in rotation(i):
+                model = systems[name][0].eval()
+                t0 = time.perf_counter()
+                model(batches[name + "/test"])
+                times["inference"][name].append(time.perf_counter() - t0)
+    batch = len(batches[names[0]][0])
+    print(f"{n} paired iterations, training batch {batch}, {torch.get_num_threads()} threads")
+    medians = {}
+    for label, per_system in times.items():
+        med = medians[label] = {k: statistics.median(v[1:]) for k, v in per_system.items()}  # the first call warms up
+        base = names[0]
+        print(f"{label}: " + ", ".join(f"{k} {v:.3f} s" + ("" if k == base else f" (x{v / med[base]:.3f})")
+                                       for k, v in med.items()))
+    return medians
+
+
 def main(spec: ABSpec, argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--step-time", type=int, default=0)
+    known, argv = pre.parse_known_args(argv)
+    if known.step_time:
+        step_time(spec, known.step_time)
+        return 0
     args = parse_args(spec, argv)
     datasets_root = _dataset_root(args)
     work = args.work_dir or tempfile.mkdtemp(prefix=f"bench_{spec.name}_")
     threads = 1 if args.jobs > 1 else None
-    queue = [(s, b, seed) for b in args.budgets for seed in args.seeds for s in spec.systems]
+    systems = args.systems or list(spec.systems)
+    queue = [(s, b, seed) for b in args.budgets for seed in args.seeds for s in systems]
     runs, active = [], []
     while queue or active:
         while queue and len(active) < args.jobs:
