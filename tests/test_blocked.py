@@ -23,6 +23,15 @@ def block():
     return b
 
 
+@pytest.fixture
+def threads():
+    """At least two torch threads (the blocked path is never tried with one), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
 def test_blocked_view_is_the_conv_output_in_blocks(block):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(1, 3, 64, 80, generator=g), torch.randn(2 * block, 3, 7, 7, generator=g)
@@ -39,7 +48,7 @@ def test_blocked_view_is_the_conv_output_in_blocks(block):
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 256, 320), (2, 3, 160, 224)])
-def test_resnet_blocked_path_matches_nchw(block, shape):
+def test_resnet_blocked_path_matches_nchw(block, threads, shape):
     """First call: NCHW result, and the blocked path checked against it; later calls at a size
     that matched run blocked, with the same bits as the plain path."""
     model = resnet(50)
@@ -56,7 +65,7 @@ def test_resnet_blocked_path_matches_nchw(block, shape):
             assert torch.equal(out[k], plain[k]) and out[k].layout == torch.strided and out[k].is_contiguous(), k
 
 
-def test_resnet_blocked_path_rejected_when_it_differs(block, monkeypatch):
+def test_resnet_blocked_path_rejected_when_it_differs(block, threads, monkeypatch):
     """A blocked path that does not reproduce the NCHW outputs is never used for that size."""
     model = resnet(50)
     x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(2))
@@ -73,7 +82,7 @@ def test_resnet_blocked_path_rejected_when_it_differs(block, monkeypatch):
             assert torch.equal(out[k], plain[k]), k
 
 
-def test_resnet_blocked_path_only_when_allowed(block):
+def test_resnet_blocked_path_only_when_allowed(block, threads):
     model = resnet(50)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -94,3 +103,6 @@ def test_resnet_blocked_path_only_when_allowed(block):
         set_fast_inference(model.res3[1], True)
         assert model.blocked_allowed(x)
     assert not model.blocked_allowed(x)  # grad mode on
+    with torch.no_grad():
+        torch.set_num_threads(1)  # torch's own 1x1 kernel then differs from oneDNN's
+        assert not model.blocked_allowed(x)

@@ -409,7 +409,9 @@ def test_full_width_r50_fast_path_is_bitwise_plain():
         if tasks == ("instance",):
             assert len(plain["instances"]) > 0
     if blocked.block_size() is not None and m2f.ops.frozen_bn_act_compiled():
-        assert verified(model.backbone).verdicts() == {("blocked", (1, 3, 224, 320)): True}
+        # one thread: never tried (see FastResNet.blocked_allowed)
+        expected = {("blocked", (1, 3, 224, 320)): True} if torch.get_num_threads() > 1 else {}
+        assert verified(model.backbone).verdicts() == expected
 
 
 @pytest.mark.parametrize("shape", [(1, 16, 7, 9), (2, 8, 6, 5)])

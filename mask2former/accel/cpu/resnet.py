@@ -150,9 +150,11 @@ class FastResNet(ResNet):
     def blocked_allowed(self, x: torch.Tensor) -> bool:
         """The per-call conditions of the channel-blocked path: inference on a contiguous CPU
         float32 input, not traced (opaque tensors and raw memory views do not trace), every stem
-        and block accelerated, no hooks (they would see opaque tensors)."""
+        and block accelerated, no hooks (they would see opaque tensors), more than one thread:
+        with one thread torch runs the 1x1 convolutions of fewer than 16 NCHW images on its native
+        kernel, not oneDNN's, so the blocked path could never give the same bits."""
         if not (inference_active(self) and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.is_contiguous() and not torch.compiler.is_compiling()):
+                and x.is_contiguous() and not torch.compiler.is_compiling() and torch.get_num_threads() > 1):
             return False
         for m in self.modules():
             if _has_hooks(m):
