@@ -416,6 +416,10 @@ KMAX_DEEPLAB_DEFAULTS = {
             "AUX_SEMANTIC_TEMPERATURE": 2.0,
             "AUX_SEMANTIC_SAMPLE_K": 4096,
             "MASKING_VOID_PIXEL": True,
+            # ours: the training mapper pastes segments of a second training image on each sample
+            # (all its things, a random subset of its stuff), as the official mapper always does;
+            # False trains without (mask2former/data/dataset_mappers/copy_paste.py)
+            "COPY_PASTE": True,
             "PIXEL_DEC": {
                 "NAME": "kMaXPixelDecoder",
                 "IN_FEATURES": ["res2", "res3", "res4", "res5"],

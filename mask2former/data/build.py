@@ -22,6 +22,9 @@ from iteration ``k`` on:
   original width/height), a batch is emitted when one group has ``B`` samples; the batch plan
   only needs the group of each index, so skipping ahead replays this integer bookkeeping
   (about a microsecond per skipped sample) without reading or mapping any image.
+* **Dataset-aware mappers.** A mapper with a true ``needs_dataset`` attribute gets the loader's
+  dataset list through ``mapper.bind_dataset(dicts)`` (kMaX's copy-paste draws its second image
+  from it).
 * **Augmentation.** The sample at position ``p`` is mapped with
   ``rng = numpy.random.default_rng([seed, p, attempt])``, passed to mappers that declare
   ``supports_rng = True`` (:class:`~mask2former.data.dataset_mappers.MaskFormerMapper`). Other
@@ -30,10 +33,12 @@ from iteration ``k`` on:
   the result.
 * **Bad samples.** A mapper raising :class:`BadSampleError` is retried (``attempt + 1``) with a
   replacement index drawn by ``default_rng([seed, p, attempt, 1])`` from the same aspect group,
-  so skips are reproducible too. Skips are counted per reason (:func:`skipped_samples`) and
-  logged (the first 10 of each reason, then every 100th). If more than half of the distinct
-  dataset entries seen so far (after at least ``min(N, 50)``) were bad, or 100 draws in a row
-  fail, a ``RuntimeError`` stops training.
+  so skips are reproducible too. When the bad file is another entry's (``BadSampleError.index``:
+  the second image of kMaX's copy-paste), that entry is the one counted as bad and the same index
+  is mapped again with the next attempt's draws. Skips are counted per reason
+  (:func:`skipped_samples`) and logged (the first 10 of each reason, then every 100th). If more
+  than half of the distinct dataset entries seen so far (after at least ``min(N, 50)``) were bad,
+  or 100 draws in a row fail, a ``RuntimeError`` stops training.
 
 To resume exactly, the trainer resolves ``SEED < 0`` to a drawn seed once, stores it in its
 checkpoints with the iteration number, and builds the loader with that seed as ``SEED``.
@@ -191,7 +196,10 @@ class _TrainMapDataset(Dataset):
                 sample = _call_mapper(self.mapper, self.dicts[idx], (self.seed, position, attempt))
                 return _Mapped(sample, idx, position, skips)
             except BadSampleError as e:
-                skips.append((idx, e.file, e.reason, e.detail))
+                bad = idx if e.index is None else e.index
+                skips.append((bad, e.file, e.reason, e.detail))
+                if bad != idx:  # another entry's file (a copy-paste source): map this one again
+                    continue
             rng = np.random.default_rng([self.seed, position, attempt, 1])
             if self.pools is None:
                 idx = int(rng.integers(len(self.dicts)))
@@ -308,7 +316,10 @@ def build_detection_train_loader(
                               world_size=world_size)
     groups = aspect_groups(dataset) if cfg.DATALOADER.ASPECT_RATIO_GROUPING else None
     plan = BatchPlan(sampler, batch_size, groups, start_iter)
-    map_ds = _TrainMapDataset(_SerializedList(dataset), mapper, sampler.seed, groups)
+    dicts = _SerializedList(dataset)
+    if getattr(mapper, "needs_dataset", False):  # kMaX's copy-paste draws second images from it
+        mapper.bind_dataset(dicts)
+    map_ds = _TrainMapDataset(dicts, mapper, sampler.seed, groups)
     num_workers = int(cfg.DATALOADER.NUM_WORKERS)
     data_loader = DataLoader(
         map_ds,

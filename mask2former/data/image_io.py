@@ -35,19 +35,22 @@ BAD_ANNOTATION = "bad_annotation"
 
 class BadSampleError(Exception):
     """A sample that cannot be used: ``file`` is the offending file, ``reason`` one of
-    "missing_file", "corrupt_file", "size_mismatch", "bad_annotation"; ``detail`` says more."""
+    "missing_file", "corrupt_file", "size_mismatch", "bad_annotation"; ``detail`` says more.
+    ``index``: the dataset index of the entry ``file`` belongs to when that is not the entry being
+    mapped (kMaX's copy-paste reads a second one); None when it is."""
 
-    def __init__(self, file: str, reason: str, detail: str = ""):
+    def __init__(self, file: str, reason: str, detail: str = "", index: Optional[int] = None):
         self.file = str(file)
         self.reason = reason
         self.detail = detail
+        self.index = None if index is None else int(index)
         super().__init__(file, reason, detail)
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.file}" + (f" ({self.detail})" if self.detail else "")
 
-    def __reduce__(self):  # keep all three fields when sent from a DataLoader worker
-        return (type(self), (self.file, self.reason, self.detail))
+    def __reduce__(self):  # keep every field when sent from a DataLoader worker
+        return (type(self), (self.file, self.reason, self.detail, self.index))
 
 
 def open_image(file_name: str) -> Image.Image:

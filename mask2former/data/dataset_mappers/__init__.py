@@ -6,19 +6,25 @@ configurations of it, registered in :data:`MAPPER_REGISTRY` (``DATASET_MAPPER_RE
 :mod:`mask2former.utils.registry`) under the official names and importable under the official
 class names (each built as ``Cls(cfg, is_train=True)``):
 
-=============================  ====================================  ========  ===========
-name                           class                                 targets   style
-=============================  ====================================  ========  ===========
-``mask_former_semantic``       MaskFormerSemanticDatasetMapper       semantic  resize_crop
-``mask_former_panoptic``       MaskFormerPanopticDatasetMapper       panoptic  resize_crop
-``mask_former_instance``       MaskFormerInstanceDatasetMapper       instance  resize_crop
-``coco_panoptic_lsj``          COCOPanopticNewBaselineDatasetMapper  panoptic  lsj
-``coco_instance_lsj``          COCOInstanceNewBaselineDatasetMapper  instance  lsj
-``coco_panoptic_kmaxdeeplab``  PanoptickMaXDeepLabDatasetMapper      panoptic  kmax
-=============================  ====================================  ========  ===========
+=============================  ====================================  ========  ===========  ==========
+name                           class                                 targets   style        copy-paste
+=============================  ====================================  ========  ===========  ==========
+``mask_former_semantic``       MaskFormerSemanticDatasetMapper       semantic  resize_crop  no
+``mask_former_panoptic``       MaskFormerPanopticDatasetMapper       panoptic  resize_crop  no
+``mask_former_instance``       MaskFormerInstanceDatasetMapper       instance  resize_crop  no
+``coco_panoptic_lsj``          COCOPanopticNewBaselineDatasetMapper  panoptic  lsj          no
+``coco_instance_lsj``          COCOInstanceNewBaselineDatasetMapper  instance  lsj          no
+``coco_panoptic_kmaxdeeplab``  PanoptickMaXDeepLabDatasetMapper      panoptic  kmax         yes
+=============================  ====================================  ========  ===========  ==========
 
 (A kMaX-DeepLab model also reads its configs' ``coco_panoptic_lsj``,
 ``ade20k_panoptic_lsj`` and ``cityscapes_panoptic_lsj`` as this one, as its training script does.)
+
+Copy-paste (kMaX-DeepLab's, :mod:`.copy_paste`; in training, unless MODEL.KMAX_DEEPLAB.COPY_PASTE is
+False): each sample gets the thing segments and a random subset of the stuff segments of a second
+training image (drawn from the loader's dataset list, augmented with the scale range halved)
+pasted on it; the sample then also carries ``is_real_pixels`` (bool (H, W): the first image and
+the pasted pixels), and its image, targets and ``sem_seg`` span both images.
 
 Training augmentations (:func:`build_augmentations`): ``resize_crop`` is ResizeShortestEdge,
 [crop: the category-area crop for semantic / panoptic, a plain crop for instance], [SSD colour],
@@ -47,17 +53,20 @@ MAX_SIZE_TEST); "height"/"width" stay the original size so that predictions can 
 
 Problems with a sample's files (missing file, unreadable/corrupt image or PNG, image size that
 disagrees with the dict or with its annotation PNG, malformed RLE) raise
-:class:`BadSampleError`; the training loader skips such samples and counts them.
+:class:`BadSampleError`; the training loader skips such samples and counts them (a bad
+copy-paste second image: that entry is counted and the sample mapped again with new draws).
 Configuration problems (e.g. a semantic mapper on a dict without ``sem_seg_file_name``) raise
 ``ValueError``.
 
 Randomness: ``mapper(dataset_dict, rng=generator)`` draws every random number from ``rng``
-(``numpy.random.Generator``); the training loader passes one derived from (seed, stream
-position). Without ``rng`` a generator seeded from numpy's global RNG is used.
+(``numpy.random.Generator``; the copy-paste's second image and subset too); the training loader
+passes one derived from (seed, stream position). Without ``rng`` a generator seeded from numpy's
+global RNG is used.
 
 Where things live: :mod:`.core` (``MaskFormerMapper``), :mod:`.targets` (masks from semantic /
-panoptic PNGs, polygons and RLE; padding; boxes), :mod:`.official` (the five configurations,
-``build_augmentations``, ``register_mapper``, ``build_mapper``). The readers and
+panoptic PNGs, polygons and RLE; padding; boxes), :mod:`.official` (the six configurations,
+``build_augmentations``, ``register_mapper``, ``build_mapper``), :mod:`.copy_paste` (kMaX's
+copy-paste). The readers and
 ``BadSampleError`` live in :mod:`mask2former.data.image_io` and ``rgb2id`` in
 :mod:`mask2former.data.ids`; they stay importable from here.
 """
@@ -73,6 +82,7 @@ from ..image_io import (  # noqa: F401  (live in data/image_io.py)
     read_label_map,
 )
 from . import official
+from .copy_paste import CopyPaste  # noqa: F401
 from .core import TASKS, MaskFormerMapper  # noqa: F401  (TASKS was defined here)
 from .official import (
     MAPPER_REGISTRY,
@@ -87,5 +97,5 @@ from .official import (
     register_mapper,
 )
 
-__all__ = ["BadSampleError", "MaskFormerMapper", "read_image", "read_label_map", "rgb2id"]
+__all__ = ["BadSampleError", "CopyPaste", "MaskFormerMapper", "read_image", "read_label_map", "rgb2id"]
 __all__ += official.__all__

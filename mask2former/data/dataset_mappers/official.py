@@ -9,13 +9,14 @@ share; :func:`build_mapper` picks the registered entry named by INPUT.DATASET_MA
 """
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 from ...config.config import image_size_hw
 from ...config.configurable import configurable
 from ...utils.registry import DATASET_MAPPER_REGISTRY
 from .. import transforms as T
 from ..catalog import MetadataCatalog
+from .copy_paste import CopyPaste
 from .core import MaskFormerMapper
 
 __all__ = [
@@ -70,7 +71,7 @@ def _flip(cfg) -> List[T.Augmentation]:
 
 
 def build_augmentations(cfg, is_train: bool, style: str = "resize_crop",
-                        category_area_crop: bool = True) -> List[T.Augmentation]:
+                        category_area_crop: bool = True, scale_ratio: float = 1.0) -> List[T.Augmentation]:
     """The augmentation list.
 
     ``style="resize_crop"`` (MaskFormer mappers): ResizeShortestEdge(MIN_SIZE_TRAIN,
@@ -80,10 +81,14 @@ def build_augmentations(cfg, is_train: bool, style: str = "resize_crop",
     ``style="lsj"``: flip, ResizeScale(MIN_SCALE, MAX_SCALE, IMAGE_SIZE), FixedSizeCrop(IMAGE_SIZE)
     (IMAGE_SIZE n is an n x n crop, [h, w] an h x w one).
     ``style="kmax"`` (kMaX-DeepLab): ResizeScale(MIN_SCALE, MAX_SCALE, IMAGE_SIZE), the SSD colour
-    jitter, a random crop of at most IMAGE_SIZE (no padding: the model pads), the flip.
+    jitter, a random crop of at most IMAGE_SIZE (no padding: the model pads), the flip; both scales
+    times ``scale_ratio`` (0.5 for the image kMaX's copy-paste takes its segments from).
     At inference: ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST).
     """
     inp = cfg.INPUT
+    if scale_ratio != 1.0 and not (is_train and style == "kmax"):
+        raise ValueError(f"scale_ratio applies to the training style 'kmax' only; got {scale_ratio} for "
+                         f"style {style!r}, is_train={is_train}")
     if not is_train:
         return [T.ResizeShortestEdge(inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST, "choice")]
     if style == "lsj":
@@ -94,7 +99,8 @@ def build_augmentations(cfg, is_train: bool, style: str = "resize_crop",
         ]
     if style == "kmax":
         h, w = image_size_hw(inp.IMAGE_SIZE)
-        return [T.ResizeScale(inp.MIN_SCALE, inp.MAX_SCALE, h, w), T.ColorAugSSD(inp.FORMAT),
+        lo, hi = inp.MIN_SCALE * scale_ratio, inp.MAX_SCALE * scale_ratio
+        return [T.ResizeScale(lo, hi, h, w), T.ColorAugSSD(inp.FORMAT),
                 T.RandomCrop("absolute", (h, w))] + _flip(cfg)
     if style != "resize_crop":
         raise ValueError(f"unknown augmentation style {style!r}")
@@ -195,7 +201,46 @@ class COCOInstanceNewBaselineDatasetMapper(_OfficialMapper):
 class PanoptickMaXDeepLabDatasetMapper(_OfficialMapper):
     """``coco_panoptic_kmaxdeeplab`` (and, for a kMaX-DeepLab model, :data:`KMAX_MAPPER_NAMES`):
     panoptic targets at the image's size; kMaX's large-scale jitter to IMAGE_SIZE (style "kmax").
-    Not reproduced: the official copy-paste of a second image's segments and its redraw of
-    samples with at most 4096 labelled stride-4 pixels."""
+
+    In training, with ``copy_paste`` (from the config: unless MODEL.KMAX_DEEPLAB.COPY_PASTE is
+    False), segments of a second training image are pasted on each sample, as the official mapper
+    always does (:mod:`.copy_paste`): the sample then also has ``is_real_pixels`` (bool (H, W)), and
+    image, targets and ``sem_seg`` span both images. The second image comes from the training
+    loader's dataset list (``needs_dataset`` / ``bind_dataset``) or ``CopyPaste(dataset=...)``.
+    Not reproduced: the official redraw of samples with at most 4096 labelled stride-4 pixels.
+    """
 
     NAME, TASK, STYLE = "coco_panoptic_kmaxdeeplab", "panoptic", "kmax"
+
+    @configurable
+    def __init__(self, is_train: bool = True, *, augmentations: Sequence[Any], image_format: str = "BGR",
+                 ignore_label: int = 255, size_divisibility: int = -1, copy_paste: Optional[CopyPaste] = None):
+        super().__init__(is_train, augmentations=augmentations, image_format=image_format,
+                         ignore_label=ignore_label, size_divisibility=size_divisibility)
+        if copy_paste is not None and (not is_train or self.size_divisibility > 0):
+            raise ValueError("kMaX's copy-paste runs in training without mapper padding (the model pads); got "
+                             f"is_train={is_train}, INPUT.SIZE_DIVISIBILITY={size_divisibility} (set it to -1, or "
+                             "MODEL.KMAX_DEEPLAB.COPY_PASTE False)")
+        self.copy_paste = copy_paste
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True) -> dict:
+        ret = super().from_config(cfg, is_train)
+        if is_train and cfg.MODEL.KMAX_DEEPLAB.COPY_PASTE:
+            ret["copy_paste"] = CopyPaste(augmentations=build_augmentations(cfg, True, cls.STYLE, scale_ratio=0.5),
+                                          image_format=cfg.INPUT.FORMAT, ignore_label=ret["ignore_label"])
+        return ret
+
+    @property
+    def needs_dataset(self) -> bool:
+        """Whether the copy-paste still needs the list to draw second images from."""
+        return self.copy_paste is not None and not self.copy_paste.dataset
+
+    def bind_dataset(self, dataset: Sequence[dict]) -> None:
+        self.copy_paste.bind_dataset(dataset)
+
+    def _map_train(self, d: dict, image, rng):
+        out, tfm = super()._map_train(d, image, rng)
+        if self.copy_paste is not None:
+            out = self.copy_paste(out, d, rng)
+        return out, tfm

@@ -28,6 +28,7 @@ __all__ = [
     "instance_masks",
     "semantic_masks",
     "panoptic_masks",
+    "non_crowd",
     "category_map",
 ]
 
@@ -136,9 +137,14 @@ def semantic_masks(sem_seg: np.ndarray, ignore_label: int) -> Tuple[List[int], n
     return [int(c) for c in labels], masks
 
 
+def non_crowd(segments: List[dict]) -> List[dict]:
+    """The segments that become targets: those not marked ``iscrowd``, in their order."""
+    return [s for s in segments if not s.get("iscrowd", 0)]
+
+
 def panoptic_masks(pan_seg: np.ndarray, segments: List[dict]) -> Tuple[List[int], np.ndarray]:
     """One mask per non-crowd segment of ``segments`` (in their order)."""
-    keep = [s for s in segments if not s.get("iscrowd", 0)]
+    keep = non_crowd(segments)
     masks = np.stack([pan_seg == s["id"] for s in keep]) if keep else _no_masks(pan_seg)
     return [int(s["category_id"]) for s in keep], masks
 
