@@ -16,7 +16,8 @@ hook (priority between evaluation's and the metrics writer's) sees that step's e
 
 State: :meth:`TrainLoop.state_dict` is ``{"model", "optimizer", "scheduler", "scaler" (with a
 GradScaler only), "iteration" (the step just done), "rng_states" (one entry per rank: python
-``random``, numpy, torch CPU and, when initialised, CUDA), "hooks": {hook.name: state}}``; the
+``random``, numpy, torch CPU, CUDA when initialised, and "modules": the generators the model's
+modules keep themselves, see :mod:`mask2former.utils.rng`), "hooks": {hook.name: state}}``; the
 "hooks" entry holds the hooks whose :meth:`HookBase.state_dict` is not empty, and is left out when
 there are none. States loaded by :meth:`TrainLoop.load_hooks_state` and RNG states put in
 ``pending_rng_states`` are applied when :meth:`TrainLoop.train` starts (the RNG states after the
@@ -202,7 +203,7 @@ class TrainLoop:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "iteration": int(self.iter),
-            "rng_states": all_gather(get_rng_states()),
+            "rng_states": all_gather(get_rng_states(self.model_without_ddp)),
         }
         if self.scaler is not None:
             data["scaler"] = self.scaler.state_dict()
@@ -253,7 +254,7 @@ class TrainLoop:
                 logger.info("Starting training from iteration %d to %d", start, max_iter)
                 self._data_iter = iter(self._loader(start))
                 if self.pending_rng_states is not None:
-                    set_rng_states(self.pending_rng_states)
+                    set_rng_states(self.pending_rng_states, self.model_without_ddp)
                     self.pending_rng_states = None
                 self.model.train()
                 t_start = time.perf_counter()

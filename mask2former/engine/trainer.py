@@ -14,7 +14,8 @@ default hooks (LR logging, checkpointing, evaluation, metrics writer, progress b
 
 Files in OUTPUT_DIR: ``config.yaml``; ``model_{i:07d}.pth`` every SOLVER.CHECKPOINT_PERIOD
 iterations and ``model_final.pth``, each holding ``model``, ``optimizer``, ``scheduler``, ``scaler``
-(AMP on CUDA only), ``iteration``, ``rng_states``, ``world_size``, ``seed`` (the run's resolved
+(AMP on CUDA only), ``iteration``, ``rng_states`` (per rank; with the generators that modules
+keep themselves, e.g. kMaX-DeepLab's pixel sampling), ``world_size``, ``seed`` (the run's resolved
 seed) and, when a registered hook has state, ``hooks``; ``last_checkpoint``, rewritten only once a
 checkpoint is complete, so killing the process at any moment leaves a loadable one;
 ``metrics.json`` (and TensorBoard events) every ``log_period`` iterations; evaluation every
@@ -22,8 +23,9 @@ TEST.EVAL_PERIOD iterations and once at the end when DATASETS.TEST is set, the f
 ``eval_results.json``: ``{task: {metric: value}}`` for one test set, ``{dataset: {task: {metric:
 value}}}`` for several. Temporary files left by a killed run are removed at start.
 
-Resuming restores all of the state above and continues at ``iteration + 1``; the training loader
-is rebuilt with ``start_iter = iteration + 1`` and with SEED set to the run's seed, and must then
+Model and training loader are built with SEED set to the run's seed (so that nothing draws a
+seed of its own when SEED < 0). Resuming restores all of the state above and continues at
+``iteration + 1``; the training loader is rebuilt with ``start_iter = iteration + 1``, and must then
 yield exactly the batches an uninterrupted run would have seen from that iteration on (its
 sampling and augmentation randomness must come from its own seed and the sample position, not
 from the process' global RNG consumed lazily). With that, an interrupted and resumed run
@@ -217,15 +219,20 @@ class Trainer(TrainLoop):
 
         return inference_on_dataset(model, data_loader, evaluator)
 
+    def _with_run_seed(self, cfg):
+        # model and loader see the run's resolved seed as SEED: with SEED < 0 nothing draws a
+        # seed of its own that the checkpoint would not record
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.SEED = int(self.seed)
+        return cfg
+
     def _build_model(self, cfg) -> nn.Module:
+        cfg = self._with_run_seed(cfg)
         return self._model_fn(cfg) if self._model_fn is not None else self.build_model(cfg)
 
     def _build_train_loader(self, start_iter: int) -> Iterable:
-        # the loader sees the run's resolved seed as SEED, so that a run started with SEED < 0
-        # and resumed draws the same batches
-        cfg = self.cfg.clone()
-        cfg.defrost()
-        cfg.SEED = int(self.seed)
+        cfg = self._with_run_seed(self.cfg)
         if self._loader_fn is not None:
             return self._loader_fn(cfg, start_iter)
         return self.build_train_loader(cfg, start_iter)

@@ -37,8 +37,16 @@ With deep supervision every aux_outputs[i] gets the first four as "<name>_<i>"; 
 SHARE_FINAL_MATCHING they reuse the final output's matching and loss weights.
 
 Sampling draws its Gumbel noise from the criterion's own generator (one per device), seeded with
-``seed`` (the run's SEED): the same seed gives the same pixels. A sample size larger than the
-number of pixels takes every pixel (the official code then fails).
+``seed`` (the run's SEED) plus the process' rank: the same seed gives the same pixels, and the
+processes of a multi-process run draw different ones (as in the official code, whose noise comes
+from the global RNG that Detectron2 seeds with SEED + rank). The generators' states are part of
+the run's RNG state (``rng_state_dict`` / ``load_rng_state_dict``, see mask2former.utils.rng), so
+a resumed run continues their streams. A sample size larger than the number of pixels takes every
+pixel (the official code then fails).
+
+Multi-process training: nothing is all-reduced (the official code reduces nothing either): every
+term is normalised per image and averaged over the process' images, so with equal per-process
+batches DDP's gradient average equals the full batch's gradient, up to the pixel samples.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -47,6 +55,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
 
+from ..utils.comm import get_rank
 from ..utils.rng import resolve_seed
 
 __all__ = ["kMaXMatcher", "kMaXSetCriterion", "build_kmax_criterion", "gumbel_topk", "mean_of_nonzero",
@@ -207,15 +216,26 @@ class kMaXSetCriterion(nn.Module):
         self._generators: Dict[torch.device, torch.Generator] = {}
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """This criterion's generator on ``device`` (seeded with ``seed`` on first use)."""
+        """This criterion's generator on ``device`` (seeded with ``seed`` + rank on first use)."""
         device = torch.device(device)
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+            self._generators[device] = torch.Generator(device).manual_seed(self.seed + get_rank())
         return self._generators[device]
 
     def reseed(self, seed: int) -> None:
         self.seed = int(seed)
         self._generators.clear()
+
+    def rng_state_dict(self) -> Dict[str, torch.Tensor]:
+        """``{device: generator state}`` of the generators used so far (the run's RNG state)."""
+        return {str(device): g.get_state() for device, g in self._generators.items()}
+
+    def load_rng_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        for device, generator_state in state.items():
+            device = torch.device(device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                continue  # a CUDA run resumed on the CPU: the CPU generator starts from the seed
+            self.generator(device).set_state(generator_state.cpu())
 
     @torch.no_grad()
     def process_targets(self, outputs: Dict, targets: Sequence[Dict], matching) -> Dict[str, torch.Tensor]:

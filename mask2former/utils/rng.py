@@ -5,6 +5,12 @@ A negative or missing seed means "draw one": :func:`resolve_seed` takes it from 
 rank 0's value with every process, and logs it. Everything downstream then behaves exactly as if
 that seed had been configured, which is what lets a resumed run with ``SEED -1`` reproduce the
 uninterrupted one (the trainer stores the resolved seed in its checkpoints).
+
+Modules that draw from generators of their own (not the global RNGs), such as kMaX-DeepLab's
+pixel-sampling criterion, make them part of a run's RNG state by defining
+``rng_state_dict() -> dict`` (tensors and plain values; empty when nothing has been drawn yet) and
+``load_rng_state_dict(state)``. :func:`get_rng_states` and :func:`set_rng_states` given the model
+save and restore them under ``"modules"``, by the module's qualified name.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import comm
 
@@ -69,8 +76,9 @@ def seeded_global_rngs(seed: int) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def get_rng_states() -> Dict[str, Any]:
-    """This process' RNG states, as tensors and plain Python values (``weights_only``-loadable)."""
+def get_rng_states(model: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """This process' RNG states, as tensors and plain Python values (``weights_only``-loadable);
+    with ``model``, also those of its modules' own generators (``"modules"``, see above)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     states: Dict[str, Any] = {
         "python": random.getstate(),
@@ -85,11 +93,14 @@ def get_rng_states() -> Dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state()
+    if model is not None:
+        states["modules"] = {name: state for name, module in model.named_modules()
+                             if hasattr(module, "rng_state_dict") and (state := module.rng_state_dict())}
     return states
 
 
-def set_rng_states(states: Mapping[str, Any]) -> None:
-    """Restore what :func:`get_rng_states` returned."""
+def set_rng_states(states: Mapping[str, Any], model: Optional[nn.Module] = None) -> None:
+    """Restore what :func:`get_rng_states` returned (with ``model``, its modules' generators too)."""
     py = states["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = states["numpy"]
@@ -98,6 +109,19 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"].cpu())
+    if model is not None:
+        _load_module_rng_states(model, states.get("modules", {}))
+
+
+def _load_module_rng_states(model: nn.Module, states: Mapping[str, Any]) -> None:
+    modules = dict(model.named_modules())
+    for name, state in states.items():
+        module = modules.get(name)
+        if module is None or not hasattr(module, "load_rng_state_dict"):
+            logger.warning("The saved RNG states hold a generator state for module %r, which this model does "
+                           "not have (or which keeps no generator): it is ignored", name)
+            continue
+        module.load_rng_state_dict(state)
 
 
 @contextlib.contextmanager
