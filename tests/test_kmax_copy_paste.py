@@ -196,7 +196,7 @@ def test_missing_isthing_is_a_clear_error(entries):
 # ----------------------------------------------------------------------------- from the config
 def kmax_cfg(**overrides):
     cfg = m2f.get_cfg()
-    cfg.merge_from_file(str(REPO / "configs" / "synthetic" / "panoptic_kmax.yaml"))
+    cfg.merge_from_file(str(REPO / "configs" / "synthetic" / "panoptic_kmax_copy_paste.yaml"))
     opts = {"INPUT.IMAGE_SIZE": [65, 65], "SOLVER.IMS_PER_BATCH": 2, "DATALOADER.NUM_WORKERS": 0, "SEED": 3}
     opts.update(overrides)
     for k, v in opts.items():
