@@ -48,11 +48,16 @@ def d2():
 
 
 def _d2_cfg(path=None):
-    from detectron2.config import get_cfg
+    """Detectron2's config (+ DeepLab and Mask2Former keys, + kMaX-DeepLab's for a kMaX config:
+    mask2former.detectron2.trainer.get_cfg) with ``path`` merged by Detectron2, on the CPU."""
+    from mask2former.detectron2.trainer import get_cfg
 
-    cfg = get_cfg()
-    m2f.add_deeplab_config(cfg)
-    m2f.add_maskformer2_config(cfg)
+    arch = ""
+    if path is not None:
+        ours = m2f.get_cfg()
+        ours.merge_from_file(str(path))
+        arch = ours.MODEL.META_ARCHITECTURE
+    cfg = get_cfg(arch)
     if path is not None:
         cfg.merge_from_file(str(path))
     cfg.MODEL.DEVICE = "cpu"
