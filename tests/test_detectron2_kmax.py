@@ -23,8 +23,9 @@ import pytest
 import torch
 
 import mask2former as m2f
+from tests.test_config import _flat
 from tests.test_detectron2 import (METRIC_TOL, REPO, _d2_cfg, _run, _train_net, d2,  # noqa: F401 (fixtures)
-                                   synthetic_root)
+                                   synthetic_names, synthetic_root)
 from tests.test_kmax_model import MANIFESTS, compare, io, kmax_dir  # noqa: F401 (fixtures)
 
 OUTPUT_TOL = 1e-5  # the Detectron2-built model vs this package's engine
@@ -209,19 +210,9 @@ def test_kmax_mapper_feeds_detectron2_loader_and_a_training_step(d2, synthetic_r
     from detectron2.modeling import build_model
     from detectron2.structures import BitMasks, Instances
 
-    from mask2former.data import DatasetCatalog
-    from mask2former.data.datasets import register_coco_panoptic
-    from mask2former.data.datasets.synthetic import metadata, split_paths
     from mask2former.detectron2 import build_mapper
-    from mask2former.detectron2.registration import register_datasets
 
-    names = {s: f"m2f_d2test_synthetic_{s}" for s in ("train", "val")}
-    for split, name in names.items():
-        if name not in DatasetCatalog:
-            p = split_paths(str(synthetic_root / "synthetic"), split)
-            register_coco_panoptic(name, metadata(), p["image_root"], p["panoptic_root"], p["panoptic_json"],
-                                   sem_seg_root=p["sem_seg_root"], instances_json=p["instances_json"])
-    register_datasets()
+    names = synthetic_names(synthetic_root)
     cfg = _d2_cfg(SYNTHETIC)
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (names["train"],), (names["val"],)
     cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 2, 0
@@ -244,25 +235,15 @@ def test_kmax_mapper_feeds_detectron2_loader_and_a_training_step(d2, synthetic_r
     assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("sem_seg_head.") for k in changed)
 
 
-def _values(cfg, prefix=""):
-    out = {}
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            out.update(_values(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
 @pytest.mark.parametrize("path", KMAX_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_kmax_config_means_the_same_to_both_engines(d2, path):
     from mask2former.detectron2.trainer import load_config
 
-    theirs = _values(load_config(path))
+    theirs = _flat(load_config(path))
     ours = m2f.get_cfg()
     ours.merge_from_file(str(path))
-    ours = _values(ours)
-    assert theirs["INPUT.IMAGE_SIZE"] == ours["INPUT.IMAGE_SIZE"] and isinstance(theirs["INPUT.IMAGE_SIZE"], tuple)
+    ours = _flat(ours)
+    assert theirs["INPUT.IMAGE_SIZE"] == ours["INPUT.IMAGE_SIZE"] and len(theirs["INPUT.IMAGE_SIZE"]) == 2
     assert {k: (theirs[k], ours[k]) for k in set(theirs) & set(ours) if theirs[k] != ours[k]} == {}
 
 
