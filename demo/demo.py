@@ -43,6 +43,7 @@ from mask2former.demo import (  # noqa: E402
     run_webcam,
 )
 from mask2former.engine.defaults import register_custom_datasets  # noqa: E402
+from mask2former.evaluation.selection import switch_task_on  # noqa: E402
 from mask2former.utils.visualizer import TASK_OUTPUTS, Visualizer  # noqa: E402
 
 logger = logging.getLogger("mask2former.demo")
@@ -67,7 +68,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="images or video frames per model call")
     parser.add_argument("--task", choices=sorted(TASK_OUTPUTS),
                         help="output to draw and save (default: panoptic, else instance, else semantic, "
-                             "whichever the model produces); switched on in the config if off")
+                             "whichever the model produces); switched on in the config if off "
+                             "(MODEL.MASK_FORMER.TEST.*_ON, MODEL.KMAX_DEEPLAB.TEST.*_ON for kMaX-DeepLab)")
     parser.add_argument("--save-json", action="store_true",
                         help="also save the predictions of images: panoptic/ PNGs + panoptic.json (COCO "
                              "panoptic), instances.json (COCO results, RLE masks), sem_seg/ label PNGs")
@@ -107,10 +109,9 @@ def setup_cfg(args: argparse.Namespace):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(list(args.opts))
     if args.task:
-        key = _TASK_ON_KEY[args.task]
-        if not cfg.MODEL.MASK_FORMER.TEST[key]:
-            logger.info("--task %s: setting MODEL.MASK_FORMER.TEST.%s True", args.task, key)
-            cfg.MODEL.MASK_FORMER.TEST[key] = True
+        key = switch_task_on(cfg, _TASK_ON_KEY[args.task])  # MODEL.KMAX_DEEPLAB.TEST for kMaX-DeepLab
+        if key is not None:
+            logger.info("--task %s: setting %s True", args.task, key)
     cfg.freeze()
     return cfg
 

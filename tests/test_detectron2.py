@@ -48,11 +48,16 @@ def d2():
 
 
 def _d2_cfg(path=None):
-    from detectron2.config import get_cfg
+    """Detectron2's config (+ DeepLab and Mask2Former keys, + kMaX-DeepLab's for a kMaX config:
+    mask2former.detectron2.trainer.get_cfg) with ``path`` merged by Detectron2, on the CPU."""
+    from mask2former.detectron2.trainer import get_cfg
 
-    cfg = get_cfg()
-    m2f.add_deeplab_config(cfg)
-    m2f.add_maskformer2_config(cfg)
+    arch = ""
+    if path is not None:
+        ours = m2f.get_cfg()
+        ours.merge_from_file(str(path))
+        arch = ours.MODEL.META_ARCHITECTURE
+    cfg = get_cfg(arch)
     if path is not None:
         cfg.merge_from_file(str(path))
     cfg.MODEL.DEVICE = "cpu"
@@ -458,16 +463,13 @@ def synthetic_root(tmp_path_factory):
     return root
 
 
-def test_mappers_feed_detectron2_loaders(d2, synthetic_root):
-    from detectron2.data import build_detection_test_loader, build_detection_train_loader
-    from detectron2.modeling import build_model
-    from detectron2.structures import BitMasks, Boxes, Instances
-
+def synthetic_names(synthetic_root):
+    """The small synthetic copy registered as m2f_d2test_synthetic_{train,val} in this package's
+    catalogs and Detectron2's; returns {"train": name, "val": name}."""
+    from mask2former.data import DatasetCatalog
     from mask2former.data.datasets import register_coco_panoptic
     from mask2former.data.datasets.synthetic import metadata, split_paths
-    from mask2former.detectron2 import build_mapper
     from mask2former.detectron2.registration import register_datasets
-    from mask2former.data import DatasetCatalog
 
     names = {s: f"m2f_d2test_synthetic_{s}" for s in ("train", "val")}
     for split, name in names.items():
@@ -476,6 +478,17 @@ def test_mappers_feed_detectron2_loaders(d2, synthetic_root):
             register_coco_panoptic(name, metadata(), p["image_root"], p["panoptic_root"], p["panoptic_json"],
                                    sem_seg_root=p["sem_seg_root"], instances_json=p["instances_json"])
     register_datasets()
+    return names
+
+
+def test_mappers_feed_detectron2_loaders(d2, synthetic_root):
+    from detectron2.data import build_detection_test_loader, build_detection_train_loader
+    from detectron2.modeling import build_model
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    from mask2former.detectron2 import build_mapper
+
+    names = synthetic_names(synthetic_root)
     cfg = _d2_cfg(REPO / "configs/synthetic/panoptic.yaml")
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (names["train"],), (names["val"],)
     cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 2, 0

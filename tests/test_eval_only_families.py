@@ -193,11 +193,10 @@ def _check(results, names, expected):
 
 
 # --------------------------------------------------------------------------- the families
-@pytest.mark.slow
-def test_eval_only_coco_panoptic_with_sem_seg(tmp_path):
-    """PQ, mask AP (INSTANCE_ON: instances_val2017.json) and mIoU (panoptic_semseg_val2017)."""
-    cfg_file = _config("coco", "panoptic")
-    root, opts, preds = _setup(tmp_path, "coco", cfg_file, ["coco_2017_val_panoptic_with_sem_seg"])
+def check_coco_panoptic_with_sem_seg(tmp_path, cfg_file, extra=()):
+    """--eval-only of ``cfg_file`` (+ ``extra`` options) on coco_2017_val_panoptic_with_sem_seg: PQ,
+    mask AP (instances_val2017.json) and mIoU (panoptic_semseg_val2017) equal the counted values."""
+    root, opts, preds = _setup(tmp_path, "coco", cfg_file, ["coco_2017_val_panoptic_with_sem_seg"], extra)
     cats = _categories("coco_panoptic")
     c2d, isthing = [c["id"] for c in cats], [bool(c["isthing"]) for c in cats]
     pans, pairs = tl.panoptic_gt(preds, c2d, isthing)
@@ -213,6 +212,13 @@ def test_eval_only_coco_panoptic_with_sem_seg(tmp_path):
     _check(res["segm"], _segm_names(thing_names.values()), _ap_expected(insts, thing_names))
     names = [c["name"] for c in cats]
     _check(res["sem_seg"], _sem_names(names), _sem_expected([p.sem for p in preds], sems, 255, names))
+    return preds
+
+
+@pytest.mark.slow
+def test_eval_only_coco_panoptic_with_sem_seg(tmp_path):
+    """PQ, mask AP (INSTANCE_ON: instances_val2017.json) and mIoU (panoptic_semseg_val2017)."""
+    check_coco_panoptic_with_sem_seg(tmp_path, _config("coco", "panoptic"))
 
 
 @pytest.mark.slow

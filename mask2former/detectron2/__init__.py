@@ -7,7 +7,9 @@ Detectron2 can be imported:
 * registers the model under its official names in Detectron2's registries: META_ARCH
   "MaskFormer", SEM_SEG_HEADS "MaskFormerHead", BACKBONE "D2SwinTransformer" (Detectron2's own
   "build_resnet_backbone" is used as is), and SeMask's META_ARCH "SeMaskMaskFormer", SEM_SEG_HEADS
-  "BranchMaskFormerHead" and BACKBONE "D2SeMaskSwinTransformer". Pixel decoders ("BasePixelDecoder",
+  "BranchMaskFormerHead" and BACKBONE "D2SeMaskSwinTransformer", and kMaX-DeepLab's META_ARCH
+  "kMaXDeepLab", SEM_SEG_HEADS "kMaXDeepLabHead" and "kMaXPixelDecoder", BACKBONE
+  "custom_bn_build_resnet_backbone" and "D2ConvNeXt". Pixel decoders ("BasePixelDecoder",
   "MSDeformAttnPixelDecoder", ...) and transformer decoders ("MultiScaleMaskedTransformerDecoder",
   "StandardTransformerDecoder") live in this package's PIXEL_DECODER / TRANSFORMER_MODULE
   registries, as they live in the official extension's own registries (Detectron2 has none);
@@ -17,7 +19,8 @@ Detectron2 can be imported:
 
 Then ``detectron2.modeling.build_model(cfg)`` builds this package's MaskFormer from an official
 config (``detectron2.config.get_cfg()`` + ``mask2former.add_deeplab_config`` +
-``mask2former.add_maskformer2_config``), ``DetectionCheckpointer`` loads model-zoo checkpoints,
+``mask2former.add_maskformer2_config``, + ``mask2former.add_kmax_deeplab_config`` for kMaX-DeepLab),
+``DetectionCheckpointer`` loads model-zoo checkpoints,
 and the model returns Detectron2 ``Instances`` / ``Boxes`` that Detectron2's evaluators and
 ``Visualizer`` accept. :func:`build_mapper` gives this package's dataset mappers for Detectron2's
 ``build_detection_{train,test}_loader``, and :mod:`mask2former.detectron2.trainer` is a

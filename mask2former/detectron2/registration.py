@@ -13,6 +13,12 @@
   their own).
 * BACKBONE "D2SwinTransformer" and "D2SeMaskSwinTransformer": this package's Swin and SeMask Swin,
   also Detectron2 ``Backbone`` s (:class:`_Detectron2Shapes`).
+* kMaX-DeepLab, under the official extension's names and registries: META_ARCH "kMaXDeepLab",
+  SEM_SEG_HEADS "kMaXDeepLabHead" (its pixel decoder, MODEL.KMAX_DEEPLAB.PIXEL_DEC.NAME, is looked
+  up in Detectron2's SEM_SEG_HEADS, where "kMaXPixelDecoder" is registered, as officially),
+  BACKBONE "custom_bn_build_resnet_backbone" (this package's ResNet with kMaX's batch norm, as a
+  Detectron2 ``Backbone``) and "D2ConvNeXt". The transformer decoder, "kMaXTransformerDecoder",
+  stays in this package's TRANSFORMER_MODULE registry (the official one is kMaX's own too).
 * Datasets: every name of this package's ``DatasetCatalog`` that Detectron2's lacks, loading
   through this package's loaders, with its metadata copied to Detectron2's ``MetadataCatalog``.
   Names Detectron2 registers itself (``coco_2017_val_panoptic``, ``ade20k_sem_seg_val``,
@@ -34,11 +40,17 @@ from ..accel import accelerates, set_fast_inference
 from ..accel.postprocess import SelectedPostprocessing
 from ..config.configurable import configurable
 from ..data.catalog import DatasetCatalog, MetadataCatalog, thing_contiguous_ids
+from ..modeling.backbone.convnext import D2ConvNeXt as _ConvNeXt
+from ..modeling.backbone.resnet import ResNet as _ResNet
+from ..modeling.backbone.resnet import custom_bn_build_resnet_backbone as _custom_bn_resnet
 from ..modeling.backbone.semask_swin import D2SeMaskSwinTransformer as _SeMaskSwin
 from ..modeling.backbone.swin import D2SwinTransformer as _Swin
 from ..modeling.heads import BranchMaskFormerHead, MaskFormerHead
+from ..modeling.heads import kMaXDeepLabHead as _kMaXDeepLabHead
+from ..modeling.meta_arch.kmax_deeplab import kMaXDeepLab as _kMaXDeepLab
 from ..modeling.meta_arch.mask_former import MaskFormer as _MaskFormer
 from ..modeling.meta_arch.semask_mask_former import SeMaskMaskFormer as _SeMaskMaskFormer
+from ..modeling.pixel_decoder import kMaXPixelDecoder
 from ..utils.registry import PIXEL_DECODER_REGISTRY, TRANSFORMER_DECODER_REGISTRY
 from .convert import to_detectron2_outputs
 
@@ -49,6 +61,11 @@ __all__ = [
     "BranchMaskFormerHead",
     "D2SwinTransformer",
     "D2SeMaskSwinTransformer",
+    "kMaXDeepLab",
+    "kMaXDeepLabHead",
+    "kMaXPixelDecoder",
+    "custom_bn_build_resnet_backbone",
+    "D2ConvNeXt",
     "PIXEL_DECODER_REGISTRY",
     "TRANSFORMER_DECODER_REGISTRY",
     "register_all",
@@ -107,6 +124,19 @@ class SeMaskMaskFormer(_BuiltByDetectron2, _SeMaskMaskFormer):
     ``loss_cate``; samples need ``sem_seg``)."""
 
 
+class kMaXDeepLab(_BuiltByDetectron2, _kMaXDeepLab):
+    """Detectron2's META_ARCH "kMaXDeepLab": this package's
+    :class:`~mask2former.modeling.meta_arch.kmax_deeplab.kMaXDeepLab` (training samples: Detectron2
+    ``Instances`` with ``gt_masks`` as ``BitMasks`` or a tensor, as the official mapper gives them)."""
+
+
+class kMaXDeepLabHead(_kMaXDeepLabHead):
+    """Detectron2's SEM_SEG_HEADS "kMaXDeepLabHead": this package's head, its pixel decoder taken
+    from Detectron2's SEM_SEG_HEADS registry as the official head takes it."""
+
+    pixel_decoder_registry = SEM_SEG_HEADS_REGISTRY
+
+
 @accelerates(MaskFormer)
 class _FastMaskFormer(SelectedPostprocessing, MaskFormer):
     pass
@@ -133,6 +163,21 @@ class D2SeMaskSwinTransformer(_Detectron2Shapes, _SeMaskSwin, D2Backbone):
     ``forward``, semantic priors from ``forward_with_priors``) as a Detectron2 ``Backbone``."""
 
 
+class D2ConvNeXt(_Detectron2Shapes, _ConvNeXt, D2Backbone):
+    """Detectron2's BACKBONE "D2ConvNeXt": this package's ConvNeXt (kMaX-DeepLab's) as a Detectron2
+    ``Backbone``."""
+
+
+class _D2ResNet(_Detectron2Shapes, _ResNet, D2Backbone):
+    """This package's ResNet as a Detectron2 ``Backbone``."""
+
+
+def custom_bn_build_resnet_backbone(cfg, input_shape):
+    """Detectron2's BACKBONE "custom_bn_build_resnet_backbone": kMaX-DeepLab's ResNet (this
+    package's builder) as a Detectron2 ``Backbone``."""
+    return _custom_bn_resnet(cfg, input_shape, resnet_cls=_D2ResNet)
+
+
 def _register(registry, obj) -> None:
     name = obj.__name__
     if name in registry:
@@ -148,9 +193,11 @@ def _register(registry, obj) -> None:
 
 def register_models() -> None:
     """The meta architectures, heads and backbones of this package in Detectron2's registries."""
-    for registry, objs in ((META_ARCH_REGISTRY, (MaskFormer, SeMaskMaskFormer)),
-                           (SEM_SEG_HEADS_REGISTRY, (MaskFormerHead, BranchMaskFormerHead)),
-                           (BACKBONE_REGISTRY, (D2SwinTransformer, D2SeMaskSwinTransformer))):
+    for registry, objs in ((META_ARCH_REGISTRY, (MaskFormer, SeMaskMaskFormer, kMaXDeepLab)),
+                           (SEM_SEG_HEADS_REGISTRY, (MaskFormerHead, BranchMaskFormerHead, kMaXDeepLabHead,
+                                                     kMaXPixelDecoder)),
+                           (BACKBONE_REGISTRY, (D2SwinTransformer, D2SeMaskSwinTransformer, D2ConvNeXt,
+                                                custom_bn_build_resnet_backbone))):
         for obj in objs:
             _register(registry, obj)
 

@@ -31,23 +31,51 @@ from detectron2.evaluation import (
 )
 from detectron2.utils.logger import setup_logger
 
-from ..config import CfgNode, add_deeplab_config, add_maskformer2_config
+from ..config import CfgNode, add_deeplab_config, add_kmax_deeplab_config, add_maskformer2_config
 from ..data.ids import contiguous_to_dataset
 from ..evaluation.selection import select_evaluator_kinds
 from ..solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 from .convert import build_mapper
 from .registration import register_all
 
-__all__ = ["get_cfg", "setup", "Trainer", "InstanceSegEvaluator", "build_evaluator", "main", "launch_main"]
+__all__ = ["get_cfg", "load_config", "setup", "Trainer", "InstanceSegEvaluator", "build_evaluator", "main", "launch_main"]
 
 logger = logging.getLogger(__name__)
 
 
-def get_cfg():
-    """Detectron2's default config with the DeepLab and Mask2Former keys added."""
+def get_cfg(meta_architecture: str = ""):
+    """Detectron2's default config with the DeepLab and Mask2Former keys added; for
+    ``meta_architecture`` "kMaXDeepLab" also kMaX-DeepLab's, as its official training script adds
+    them (``add_kmax_deeplab_config``: the shared keys, INPUT.IMAGE_SIZE an [h, w] list among
+    them, at kMaX's defaults; Detectron2's config keeps the type of a key's default)."""
     cfg = _d2_get_cfg()
     add_deeplab_config(cfg)
     add_maskformer2_config(cfg)
+    if meta_architecture == "kMaXDeepLab":
+        add_kmax_deeplab_config(cfg)
+    return cfg
+
+
+def _meta_architecture(data: dict, opts) -> str:
+    """MODEL.META_ARCHITECTURE of a loaded config file and its KEY VALUE overrides."""
+    opts = list(opts or [])
+    for key, value in zip(opts[::2], opts[1::2]):
+        if key == "MODEL.META_ARCHITECTURE":
+            return str(value)
+    model = data.get("MODEL")
+    return str(model.get("META_ARCHITECTURE", "")) if isinstance(model, dict) else ""
+
+
+def load_config(config_file: Optional[str] = None, opts=()):
+    """The Detectron2 config of ``config_file`` and ``opts`` (KEY VALUE overrides): :func:`get_cfg`
+    for the file's MODEL.META_ARCHITECTURE, the file, then the overrides."""
+    # read with this package's loader, which never runs code from the file (Detectron2's
+    # merge_from_file falls back to yaml.unsafe_load), then merged as Detectron2 merges files
+    data = CfgNode.load_yaml_with_base(str(config_file), allow_unsafe=True) if config_file else {}
+    cfg = get_cfg(_meta_architecture(data, opts))
+    if config_file:
+        cfg.merge_from_other_cfg(type(cfg)(data))
+    cfg.merge_from_list(list(opts or []))
     return cfg
 
 
@@ -153,19 +181,13 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    """Config from ``args`` (Detectron2 defaults + DeepLab + Mask2Former keys, --config-file,
-    opts), Detectron2's ``default_setup`` (output dir, config.yaml, logging, seed)."""
+    """Config from ``args`` (Detectron2 defaults + DeepLab + Mask2Former keys, + kMaX-DeepLab's for a
+    kMaX config, --config-file, opts), Detectron2's ``default_setup`` (output dir, config.yaml, logging, seed)."""
     from ..engine.defaults import register_custom_datasets
 
     register_custom_datasets(getattr(args, "datasets", None) or [])
     register_all()  # also mirrors the datasets just registered
-    cfg = get_cfg()
-    if args.config_file:
-        # read with this package's loader, which never runs code from the file (Detectron2's
-        # merge_from_file falls back to yaml.unsafe_load), then merged as Detectron2 merges files
-        data = CfgNode.load_yaml_with_base(args.config_file, allow_unsafe=True)
-        cfg.merge_from_other_cfg(type(cfg)(data))
-    cfg.merge_from_list(list(args.opts or []))
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mask2former")

@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..config.defaults import KMAX_DEEPLAB_DEFAULTS, MASKFORMER2_DEFAULTS
 
-__all__ = ["EVALUATOR_KINDS", "EVALUATOR_RULES", "evaluator_kinds", "task_switches", "select_evaluator_kinds"]
+__all__ = ["EVALUATOR_KINDS", "EVALUATOR_RULES", "evaluator_kinds", "task_switches", "switch_task_on",
+           "select_evaluator_kinds"]
 
 EVALUATOR_KINDS = ("sem_seg", "coco_panoptic", "coco_instances", "instance_seg", "cityscapes_sem_seg",
                    "cityscapes_instance", "lvis")
@@ -71,6 +72,19 @@ def task_switches(cfg: Any) -> Dict[str, bool]:
     defaults = (KMAX_DEEPLAB_DEFAULTS if section == "KMAX_DEEPLAB" else MASKFORMER2_DEFAULTS)["MODEL"][section]["TEST"]
     test = getattr(getattr(getattr(cfg, "MODEL", None), section, None), "TEST", None)
     return {key: bool(getattr(test, key, defaults[key])) for key in _SWITCHES}
+
+
+def switch_task_on(cfg: Any, switch: str) -> Optional[str]:
+    """Turn ``switch`` ("PANOPTIC_ON", "INSTANCE_ON" or "SEMANTIC_ON") on in the TEST section that
+    the model reads (see :func:`task_switches`) of the mutable ``cfg``. Returns the full key when it
+    was off (e.g. ``"MODEL.KMAX_DEEPLAB.TEST.SEMANTIC_ON"``), None when it was on already."""
+    if switch not in _SWITCHES:
+        raise ValueError(f"unknown task switch {switch!r}; expected one of {_SWITCHES}")
+    if task_switches(cfg)[switch]:
+        return None
+    section = _switch_section(cfg)
+    setattr(getattr(cfg.MODEL, section).TEST, switch, True)
+    return f"MODEL.{section}.TEST.{switch}"
 
 
 def select_evaluator_kinds(cfg: Any, dataset_name: str, evaluator_type: Optional[str]) -> List[str]:

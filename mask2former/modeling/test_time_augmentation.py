@@ -80,6 +80,9 @@ class MaskFormerWithTTA(nn.Module):
         min_sizes = [int(s) for s in min_sizes]
         if not min_sizes or any(s <= 0 for s in min_sizes):
             raise ValueError(f"TEST.AUG.MIN_SIZES must be a non-empty list of positive sizes; got {min_sizes}")
+        refusal = getattr(model, "NO_TTA_REASON", None)
+        if refusal:
+            raise ValueError(f"TEST.AUG.ENABLED is True but {refusal}; set TEST.AUG.ENABLED False")
         for attr in ("predict_padded", "sem_seg_head", "normalize", "semantic_on", "panoptic_on", "instance_on"):
             if not hasattr(model, attr):
                 raise TypeError(f"test-time augmentation needs a MaskFormer model; {type(model).__name__} "

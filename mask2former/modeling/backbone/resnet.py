@@ -293,9 +293,10 @@ def make_resnet_stages(
 
 
 def _build_resnet(cfg, input_shape: ShapeSpec, norm=None, stem_type: Optional[str] = None,
-                  deeplab_dilations: bool = True) -> ResNet:
+                  deeplab_dilations: bool = True, resnet_cls: type = None) -> ResNet:
     """``norm`` / ``stem_type`` (None: MODEL.RESNETS.NORM / STEM_TYPE); ``deeplab_dilations``
-    False ignores RES4_DILATION and RES5_MULTI_GRID (Detectron2's builder has neither)."""
+    False ignores RES4_DILATION and RES5_MULTI_GRID (Detectron2's builder has neither);
+    ``resnet_cls``: a subclass of ResNet to build (None: ResNet)."""
     r = cfg.MODEL.RESNETS
     norm = r.NORM if norm is None else norm
     in_channels = input_shape.channels if input_shape is not None and input_shape.channels else 3
@@ -324,7 +325,7 @@ def _build_resnet(cfg, input_shape: ShapeSpec, norm=None, stem_type: Optional[st
         res5_multi_grid=r.RES5_MULTI_GRID if deeplab_dilations else (1, 1, 1),
         num_stages=num_stages,
     )
-    return ResNet(stem, stages, out_features=out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    return (resnet_cls or ResNet)(stem, stages, out_features=out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
 @BACKBONE_REGISTRY.register()
@@ -342,11 +343,12 @@ def build_resnet_deeplab_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
 
 
 @BACKBONE_REGISTRY.register()
-def custom_bn_build_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
+def custom_bn_build_resnet_backbone(cfg, input_shape: ShapeSpec, *, resnet_cls: type = None) -> ResNet:
     """kMaX-DeepLab's ResNet: Detectron2's layout and keys (basic stem, MODEL.RESNETS.DEPTH,
     widths, STRIDE_IN_1X1, RES5_DILATION 1 or 2) with trainable batch norm of TensorFlow's eps
     1e-3 and momentum 0.01 (NORM "SyncBN"; "" or "none": no norm). STEM_TYPE, RES4_DILATION and
-    RES5_MULTI_GRID are not read, as in the official builder."""
+    RES5_MULTI_GRID are not read, as in the official builder. ``resnet_cls``: a subclass of
+    ResNet to build (the Detectron2 adapter's)."""
     r = cfg.MODEL.RESNETS
     name = str(r.NORM).lower()
     if name not in ("syncbn", "", "none"):
@@ -357,4 +359,5 @@ def custom_bn_build_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
         raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2 for custom_bn_build_resnet_backbone, "
                          f"got {r.RES5_DILATION}")
     norm = tf_batch_norm if name == "syncbn" else ""
-    return _build_resnet(cfg, input_shape, norm=norm, stem_type="basic", deeplab_dilations=False)
+    return _build_resnet(cfg, input_shape, norm=norm, stem_type="basic", deeplab_dilations=False,
+                         resnet_cls=resnet_cls)

@@ -1,7 +1,8 @@
 """kMaXDeepLabHead: the kMaX pixel decoder + the kMaX transformer decoder (keys
 ``pixel_decoder.*``, ``predictor.*``), named by MODEL.KMAX_DEEPLAB.PIXEL_DEC.NAME and
-MODEL.KMAX_DEEPLAB.TRANS_DEC.NAME (looked up in PIXEL_DECODER_REGISTRY and
-TRANSFORMER_DECODER_REGISTRY; the transformer decoder is called as ``cls(cfg, input_shape)``).
+MODEL.KMAX_DEEPLAB.TRANS_DEC.NAME (looked up in PIXEL_DECODER_REGISTRY, or the class's
+``pixel_decoder_registry``, and TRANSFORMER_DECODER_REGISTRY; the transformer decoder is called as
+``cls(cfg, input_shape)``).
 """
 from typing import Dict
 
@@ -18,10 +19,14 @@ class kMaXDeepLabHead(MaskFormerHead):
     MaskFormerHead's attributes, kMaX's builders and call (the transformer decoder also takes the
     pixel decoder's last output and the backbone features for its auxiliary semantic head)."""
 
+    # where PIXEL_DEC.NAME is looked up (the Detectron2 adapter's subclass: Detectron2's
+    # SEM_SEG_HEADS registry, as the official head does)
+    pixel_decoder_registry = PIXEL_DECODER_REGISTRY
+
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         k = cfg.MODEL.KMAX_DEEPLAB
-        pixel_decoder = _lookup(PIXEL_DECODER_REGISTRY, k.PIXEL_DEC.NAME, "MODEL.KMAX_DEEPLAB.PIXEL_DEC.NAME")(
+        pixel_decoder = _lookup(cls.pixel_decoder_registry, k.PIXEL_DEC.NAME, "MODEL.KMAX_DEEPLAB.PIXEL_DEC.NAME")(
             cfg, input_shape)
         if not callable(getattr(pixel_decoder, "forward_features", None)):
             raise TypeError(f"pixel decoder {k.PIXEL_DEC.NAME} must define forward_features(features)")

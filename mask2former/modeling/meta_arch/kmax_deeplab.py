@@ -208,8 +208,10 @@ class kMaXDeepLab(MaskFormer):
                 thing_ids=self.thing_ids if self.panoptic_on else None)
         return res
 
+    # read by MaskFormerWithTTA, which refuses the model (the official code has no TTA either)
+    NO_TTA_REASON = "kMaX-DeepLab has no test-time augmentation: it runs at one fixed input size, INPUT.IMAGE_SIZE"
+
     def resize_and_semantic(self, *args, **kwargs):
-        raise NotImplementedError("kMaX-DeepLab has no test-time augmentation (TEST.AUG.ENABLED): it runs at one "
-                                  "fixed input size, INPUT.IMAGE_SIZE")
+        raise NotImplementedError(f"{self.NO_TTA_REASON} (TEST.AUG.ENABLED)")
 
     segments_inference = resize_and_semantic
