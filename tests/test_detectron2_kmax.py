@@ -273,3 +273,22 @@ def test_train_net_engine_detectron2_trains_kmax(d2, synthetic_root, tmp_path):
         for k in set(theirs[task]) & set(mine[task]):
             a, b = float(theirs[task][k]), float(mine[task][k])
             assert (np.isnan(a) and np.isnan(b)) or abs(a - b) <= METRIC_TOL, (task, k, a, b)
+
+
+def test_detectron2_trainer_gives_copy_paste_its_training_list(d2, synthetic_root):
+    """With copy-paste on, the Detectron2 trainer's loader hands the kMaX mapper the list it
+    samples from, and its samples carry the pasted canvas' ``is_real_pixels``."""
+    from mask2former.detectron2.trainer import Trainer as D2Trainer
+
+    names = synthetic_names(synthetic_root)
+    cfg = _d2_cfg(REPO / "configs" / "synthetic" / "panoptic_kmax_copy_paste.yaml")
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (names["train"],), (names["val"],)
+    cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 2, 0
+    cfg.INPUT.IMAGE_SIZE = [65, 65]
+    assert cfg.MODEL.KMAX_DEEPLAB.COPY_PASTE
+    batch = next(iter(D2Trainer.build_train_loader(cfg)))
+    assert len(batch) == 2
+    for sample in batch:
+        real = sample["is_real_pixels"]
+        assert real.shape == sample["image"].shape[-2:] and real.any()
+        assert len(sample["instances"]) > 0

@@ -72,6 +72,14 @@ class Detectron2Mapper:
     def __repr__(self) -> str:
         return f"Detectron2Mapper({self.mapper!r})"
 
+    @property
+    def needs_dataset(self) -> bool:
+        """Whether the mapper draws from the training list itself (kMaX's copy-paste)."""
+        return bool(getattr(self.mapper, "needs_dataset", False))
+
+    def bind_dataset(self, dataset) -> None:
+        self.mapper.bind_dataset(dataset)
+
     def __call__(self, dataset_dict: dict):
         try:
             out = self.mapper(dataset_dict)
