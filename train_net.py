@@ -22,6 +22,7 @@ import sys
 from mask2former.checkpoint import load_checkpoint
 from mask2former.engine.defaults import default_argument_parser, setup
 from mask2former.engine.trainer import Trainer
+from mask2former.modeling.test_time_augmentation import build_tta_model
 from mask2former.utils.comm import is_main_process
 from mask2former.utils.results import format_results_table, write_eval_results
 from mask2former.utils.rng import seed_all_rng
@@ -48,6 +49,7 @@ def evaluate(cfg, args, trainer_cls=Trainer):
     model = trainer_cls.build_model(cfg)
     load_checkpoint(model, weights)
     model.eval()
+    build_tta_model(cfg, model)  # a model without test-time augmentation is refused before the long plain run
     results = trainer_cls.test(cfg, model)
     if cfg.TEST.AUG.ENABLED:
         results.update(trainer_cls.test_with_tta(cfg, model))

@@ -102,6 +102,14 @@ def test_eval_only_reports_pq_ap_miou_by_the_kmax_switches(trained, tmp_path, re
     assert _eval_results(tmp_path / "some") == {k: results[k] for k in ("panoptic_seg", "sem_seg")}
 
 
+def test_eval_only_refuses_test_time_augmentation_before_evaluating(trained, tmp_path, restore_logging):
+    out, names = trained
+    with pytest.raises(ValueError, match="TEST.AUG.ENABLED is True but kMaX-DeepLab has no test-time augmentation"):
+        _train_net("--eval-only", "--config-file", CONFIG, *_opts(names, tmp_path / "tta"),
+                   "MODEL.WEIGHTS", out / "model_final.pth", "TEST.AUG.ENABLED", "True")
+    assert not (tmp_path / "tta" / "inference").exists()  # refused before the plain evaluation ran
+
+
 def _demo_args(out_dir, *args, opts=()):
     return ["--config-file", str(CONFIG), *args, "--opts", "MODEL.WEIGHTS", str(out_dir / "model_final.pth"),
             *SIZES, *opts]
