@@ -420,6 +420,9 @@ KMAX_DEEPLAB_DEFAULTS = {
             # (all its things, a random subset of its stuff), as the official mapper always does;
             # False trains without (mask2former/data/dataset_mappers/copy_paste.py)
             "COPY_PASTE": True,
+            # ours: a training sample with no segment or at most this many labelled pixels is drawn
+            # again (the official mapper's constant 4096, at its IMAGE_SIZE)
+            "MIN_LABELLED_PIXELS": 4096,
             "PIXEL_DEC": {
                 "NAME": "kMaXPixelDecoder",
                 "IN_FEATURES": ["res2", "res3", "res4", "res5"],

@@ -35,7 +35,9 @@ from iteration ``k`` on:
   replacement index drawn by ``default_rng([seed, p, attempt, 1])`` from the same aspect group,
   so skips are reproducible too. When the bad file is another entry's (``BadSampleError.index``:
   the second image of kMaX's copy-paste), that entry is the one counted as bad and the same index
-  is mapped again with the next attempt's draws. Skips are counted per reason
+  is mapped again with the next attempt's draws. A mapper may also reject one draw of a sample
+  (reason ``few_labelled_pixels``: kMaX's redraw of samples with too few labelled pixels); it is
+  replaced the same way without counting its entry as bad. Skips are counted per reason
   (:func:`skipped_samples`) and logged (the first 10 of each reason, then every 100th). If more
   than half of the distinct dataset entries seen so far (after at least ``min(N, 50)``) were bad,
   or 100 draws in a row fail, a ``RuntimeError`` stops training.
@@ -67,7 +69,7 @@ from ..utils import comm
 from ..utils.rng import seed_all_rng, seeded_global_rngs
 from .catalog import DatasetCatalog
 from .dataset_mappers import build_mapper
-from .image_io import BadSampleError
+from .image_io import FEW_LABELLED_PIXELS, BadSampleError
 # The samplers and the batch plan live in data/samplers.py; importable from here as before.
 from .samplers import BatchPlan, InferenceSampler, TrainingSampler, aspect_groups
 
@@ -256,7 +258,8 @@ class TrainLoader:
         for idx, file, reason, detail in item.skips:
             _SKIPPED[reason] += 1
             self._seen.add(idx)
-            self._bad.add(idx)
+            if reason != FEW_LABELLED_PIXELS:  # the entry is fine; that draw of it was not
+                self._bad.add(idx)
             n = _SKIPPED[reason]
             if n <= _LOG_FIRST or n % _LOG_EVERY == 0:
                 more = " (further warnings of this kind are rate-limited)" if n == _LOG_FIRST else ""

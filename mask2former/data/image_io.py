@@ -19,6 +19,7 @@ __all__ = [
     "CORRUPT_FILE",
     "SIZE_MISMATCH",
     "BAD_ANNOTATION",
+    "FEW_LABELLED_PIXELS",
     "open_image",
     "read_image_size",
     "read_image",
@@ -31,11 +32,15 @@ MISSING_FILE = "missing_file"
 CORRUPT_FILE = "corrupt_file"
 SIZE_MISMATCH = "size_mismatch"
 BAD_ANNOTATION = "bad_annotation"
+# not a bad file: a training sample a mapper rejects as it comes out of its random augmentation
+# (kMaX: no segment, or too few labelled pixels), drawn again; its entry is not counted as bad
+FEW_LABELLED_PIXELS = "few_labelled_pixels"
 
 
 class BadSampleError(Exception):
     """A sample that cannot be used: ``file`` is the offending file, ``reason`` one of
-    "missing_file", "corrupt_file", "size_mismatch", "bad_annotation"; ``detail`` says more.
+    "missing_file", "corrupt_file", "size_mismatch", "bad_annotation", "few_labelled_pixels";
+    ``detail`` says more.
     ``index``: the dataset index of the entry ``file`` belongs to when that is not the entry being
     mapped (kMaX's copy-paste reads a second one); None when it is."""
 

@@ -16,6 +16,7 @@ from ...config.configurable import configurable
 from ...utils.registry import DATASET_MAPPER_REGISTRY
 from .. import transforms as T
 from ..catalog import MetadataCatalog
+from ..image_io import FEW_LABELLED_PIXELS, BadSampleError
 from .copy_paste import CopyPaste
 from .core import MaskFormerMapper
 
@@ -207,16 +208,21 @@ class PanoptickMaXDeepLabDatasetMapper(_OfficialMapper):
     always does (:mod:`.copy_paste`): the sample then also has ``is_real_pixels`` (bool (H, W)), and
     image, targets and ``sem_seg`` span both images. The second image comes from the training
     loader's dataset list (``needs_dataset`` / ``bind_dataset``) or ``CopyPaste(dataset=...)``.
-    Not reproduced: the official redraw of samples with at most 4096 labelled stride-4 pixels.
+    A training sample (after copy-paste) with no segment or at most ``min_labelled_pixels``
+    labelled pixels (MODEL.KMAX_DEEPLAB.MIN_LABELLED_PIXELS, the official 4096) is rejected with
+    :class:`BadSampleError` reason ``few_labelled_pixels``, which the training loader answers with
+    another draw, as the official mapper draws another image.
     """
 
     NAME, TASK, STYLE = "coco_panoptic_kmaxdeeplab", "panoptic", "kmax"
 
     @configurable
     def __init__(self, is_train: bool = True, *, augmentations: Sequence[Any], image_format: str = "BGR",
-                 ignore_label: int = 255, size_divisibility: int = -1, copy_paste: Optional[CopyPaste] = None):
+                 ignore_label: int = 255, size_divisibility: int = -1, copy_paste: Optional[CopyPaste] = None,
+                 min_labelled_pixels: int = 0):
         super().__init__(is_train, augmentations=augmentations, image_format=image_format,
                          ignore_label=ignore_label, size_divisibility=size_divisibility)
+        self.min_labelled_pixels = int(min_labelled_pixels)
         if copy_paste is not None and (not is_train or self.size_divisibility > 0):
             raise ValueError("kMaX's copy-paste runs in training without mapper padding (the model pads); got "
                              f"is_train={is_train}, INPUT.SIZE_DIVISIBILITY={size_divisibility} (set it to -1, or "
@@ -226,6 +232,8 @@ class PanoptickMaXDeepLabDatasetMapper(_OfficialMapper):
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
         ret = super().from_config(cfg, is_train)
+        if is_train:
+            ret["min_labelled_pixels"] = cfg.MODEL.KMAX_DEEPLAB.MIN_LABELLED_PIXELS
         if is_train and cfg.MODEL.KMAX_DEEPLAB.COPY_PASTE:
             ret["copy_paste"] = CopyPaste(augmentations=build_augmentations(cfg, True, cls.STYLE, scale_ratio=0.5),
                                           image_format=cfg.INPUT.FORMAT, ignore_label=ret["ignore_label"])
@@ -243,4 +251,10 @@ class PanoptickMaXDeepLabDatasetMapper(_OfficialMapper):
         out, tfm = super()._map_train(d, image, rng)
         if self.copy_paste is not None:
             out = self.copy_paste(out, d, rng)
+        masks = out["instances"].gt_masks
+        labelled = int(masks.sum())
+        if len(masks) == 0 or labelled <= self.min_labelled_pixels:
+            raise BadSampleError(d["file_name"], FEW_LABELLED_PIXELS,
+                                 f"{len(masks)} segments, {labelled} labelled pixels after augmentation "
+                                 f"(MODEL.KMAX_DEEPLAB.MIN_LABELLED_PIXELS {self.min_labelled_pixels}): drawn again")
         return out, tfm
