@@ -159,14 +159,23 @@ def test_corrupt_image_is_skipped_and_counted(small_synthetic, tmp_path):
             f.write(original)
 
 
-def _train_net(output_dir, seed, *extra, datasets_root):
-    """The real command line on the synthetic config, small enough for a test."""
+# kMaX-DeepLab with its copy-paste (more of the mapper's and the criterion's own randomness), at
+# 65 x 65 (32k + 1) with few sampled pixels
+KMAX = (REPO / "configs" / "synthetic" / "panoptic_kmax_copy_paste.yaml",
+        ("INPUT.IMAGE_SIZE", "[65, 65]", "MODEL.KMAX_DEEPLAB.PIXEL_INSDIS_SAMPLE_K", "64",
+         "MODEL.KMAX_DEEPLAB.AUX_SEMANTIC_SAMPLE_K", "64"))
+
+
+def _train_net(output_dir, seed, *extra, datasets_root, system=(CONFIG, SMALL)):
+    """The real command line on a synthetic config (``system``: config path, size overrides), small
+    enough for a test."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(CONFIG), *extra,
+    config, small = system
+    cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(config), *extra,
            "SEED", str(seed), "SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.IMS_PER_BATCH", "2",
-           "DATALOADER.NUM_WORKERS", "0", *SMALL, "DATASETS.TEST", "()",
+           "DATALOADER.NUM_WORKERS", "0", *small, "DATASETS.TEST", "()",
            "OUTPUT_DIR", str(output_dir)]
     env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=str(REPO))
@@ -178,17 +187,19 @@ def _finish(proc):
 
 
 @pytest.mark.slow
-def test_kill_9_and_resume_with_random_seed_reproduces_the_uninterrupted_run(small_synthetic, tmp_path):
+@pytest.mark.parametrize("system", [(CONFIG, SMALL), KMAX], ids=["mask2former", "kmax"])
+def test_kill_9_and_resume_with_random_seed_reproduces_the_uninterrupted_run(small_synthetic, tmp_path, system):
     """SEED -1 (every official config's default): a run killed with SIGKILL after a checkpoint and
     resumed with --resume ends with bitwise the weights of an uninterrupted run with the seed the
-    first run drew (the checkpoint records it; before it did, the resumed run drew a new data seed)."""
+    first run drew (the checkpoint records it; before it did, the resumed run drew a new data seed).
+    kMaX-DeepLab also needs its criterion's pixel-sampling generators in the checkpoint."""
     import signal
     import time
 
     root, _ = small_synthetic
     datasets_root = os.path.dirname(root)
     run_a = tmp_path / "killed"
-    proc = _train_net(run_a, -1, datasets_root=datasets_root)
+    proc = _train_net(run_a, -1, datasets_root=datasets_root, system=system)
     try:
         deadline = time.time() + 300
         while not (run_a / "last_checkpoint").exists():
@@ -210,8 +221,8 @@ def test_kill_9_and_resume_with_random_seed_reproduces_the_uninterrupted_run(sma
 
     # the resumed run and the uninterrupted one are independent: one thread each, side by side
     run_b = tmp_path / "straight"
-    resumed = _train_net(run_a, -1, "--resume", datasets_root=datasets_root)
-    straight = _train_net(run_b, drawn, datasets_root=datasets_root)
+    resumed = _train_net(run_a, -1, "--resume", datasets_root=datasets_root, system=system)
+    straight = _train_net(run_b, drawn, datasets_root=datasets_root, system=system)
     _finish(resumed)
     _finish(straight)
 
