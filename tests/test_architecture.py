@@ -6,7 +6,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mask2former"
 
 LEVEL = {"utils": 0, "config": 0, "checkpoint": 0, "structures": 0, "ops": 1, "layers": 2, "modeling": 3,
-         "solver": 3, "data": 4, "evaluation": 4, "engine": 5, "demo": 5, "accel": 5, "detectron2": 6}
+         "solver": 3, "data": 4, "evaluation": 4, "engine": 5, "demo": 5, "accel": 5, "export": 5,
+         "detectron2": 6}
 
 ALLOWED_UPWARD = {
     # build_model applies the accelerations and MaskFormer.fast_inference toggles them (lazy imports)

@@ -82,6 +82,36 @@ def check_instances(ins, classes, scores, masks):
             f"{agreement[worst]:.4%} of the pixels; expected >= {PIXEL_AGREEMENT:.1%}")
 
 
+def check_official_outputs(out, io, case) -> set:
+    """One output dict ``out`` of the parity input ``case`` against the official outputs stored in
+    ``io``, with the README's tolerances; returns the tasks checked."""
+    g = lambda key: io[f"{case}__{key}"]  # noqa: E731
+    keys = {k.split("__")[1] for k in io.files if k.startswith(case + "__")}
+    oh, ow = (int(v) for v in g("out_hw"))
+    checked = set()
+    if "sem_mean" in keys:
+        sem = out["sem_seg"]
+        assert tuple(sem.shape[1:]) == (oh, ow)
+        np.testing.assert_allclose(sem.mean((1, 2)).numpy(), g("sem_mean"), atol=PROB_TOL, rtol=0)
+        yx = g("sem_yx")
+        np.testing.assert_allclose(sem[:, yx[0], yx[1]].numpy(), g("sem_samples"), atol=PROB_TOL, rtol=0)
+        assert (sem.argmax(0).numpy() == g("sem_argmax")).mean() >= PIXEL_AGREEMENT
+        checked.add("semantic")
+    if "panoptic_seg" in keys:
+        seg, info = out["panoptic_seg"]
+        ref_seg, ref_info = g("panoptic_seg"), json.loads(str(g("panoptic_info")))
+        cats, segs = canonical_panoptic(seg.numpy(), info)
+        ref_cats, ref_segs = canonical_panoptic(ref_seg, ref_info)
+        assert segs == ref_segs
+        assert (cats == ref_cats).mean() >= PIXEL_AGREEMENT
+        assert same_partition(seg.numpy(), ref_seg)
+        checked.add("panoptic")
+    if "ins_scores" in keys:
+        check_instances(out["instances"], g("ins_classes"), g("ins_scores"), g("ins_masks"))
+        checked.add("instance")
+    return checked
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_matches_official_outputs(parity_dir, name):
     model = build_parity_model(parity_dir, name)
@@ -90,30 +120,7 @@ def test_matches_official_outputs(parity_dir, name):
     assert cases, "no inputs in the parity file"
     checked = set()
     for case in cases:
-        g = lambda key: io[f"{case}__{key}"]  # noqa: E731
-        keys = {k.split("__")[1] for k in io.files if k.startswith(case + "__")}
-        out = run(model, g("image"), g("out_hw"))
-        oh, ow = (int(v) for v in g("out_hw"))
-        if "sem_mean" in keys:
-            sem = out["sem_seg"]
-            assert tuple(sem.shape[1:]) == (oh, ow)
-            np.testing.assert_allclose(sem.mean((1, 2)).numpy(), g("sem_mean"), atol=PROB_TOL, rtol=0)
-            yx = g("sem_yx")
-            np.testing.assert_allclose(sem[:, yx[0], yx[1]].numpy(), g("sem_samples"), atol=PROB_TOL, rtol=0)
-            assert (sem.argmax(0).numpy() == g("sem_argmax")).mean() >= PIXEL_AGREEMENT
-            checked.add("semantic")
-        if "panoptic_seg" in keys:
-            seg, info = out["panoptic_seg"]
-            ref_seg, ref_info = g("panoptic_seg"), json.loads(str(g("panoptic_info")))
-            cats, segs = canonical_panoptic(seg.numpy(), info)
-            ref_cats, ref_segs = canonical_panoptic(ref_seg, ref_info)
-            assert segs == ref_segs
-            assert (cats == ref_cats).mean() >= PIXEL_AGREEMENT
-            assert same_partition(seg.numpy(), ref_seg)
-            checked.add("panoptic")
-        if "ins_scores" in keys:
-            check_instances(out["instances"], g("ins_classes"), g("ins_scores"), g("ins_masks"))
-            checked.add("instance")
+        checked |= check_official_outputs(run(model, io[f"{case}__image"], io[f"{case}__out_hw"]), io, case)
     assert checked, f"no outputs checked for {name}"
 
 

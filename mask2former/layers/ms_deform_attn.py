@@ -50,7 +50,8 @@ class MSDeformAttn(nn.Module):
 
     def forward(self, query, reference_points, value_in, spatial_shapes, level_start_index, padding_mask=None):
         """query (N, Lq, C); reference_points (N, Lq, L, 2) normalised (x, y);
-        value_in (N, S, C); spatial_shapes (L, 2) (H, W); level_start_index (L,);
+        value_in (N, S, C); spatial_shapes (L, 2) (H, W), or L (H, W) pairs (``level_start_index``
+        then None; see ``mask2former.ops.ms_deform_attn``); level_start_index (L,);
         padding_mask (N, S) bool, True = padding. Returns (N, Lq, C)."""
         n, lq, _ = query.shape
         s = value_in.shape[1]

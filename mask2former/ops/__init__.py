@@ -53,7 +53,10 @@ from .ms_deform_attn import (
     check_ms_deform_attn_shapes,
     ms_deform_attn,
     ms_deform_attn_from_offsets,
+    level_shapes_tensor,
+    level_start_tensor,
     ms_deform_attn_reference,
+    reference_kernels,
     sampling_locations_from_offsets,
 )
 from . import _registration  # noqa: F401  installs the fake kernel / autograd load hook
@@ -66,6 +69,9 @@ __all__ = [
     "check_ms_deform_attn_offsets_shapes",
     "ms_deform_attn_from_offsets",
     "sampling_locations_from_offsets",
+    "level_shapes_tensor",
+    "level_start_tensor",
+    "reference_kernels",
     "frozen_bn_act",
     "frozen_bn_act_reference",
     "frozen_bn_act_compiled",

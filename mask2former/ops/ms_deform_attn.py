@@ -16,7 +16,18 @@ inference-only ``mask2former::ms_deform_attn_offsets``, which computes each loca
 kernel (bitwise the same result, without two (N, Lq, M, L, P, 2) temporaries); otherwise it
 computes the locations with torch (``sampling_locations_from_offsets``) and calls
 ``ms_deform_attn``.
+
+``spatial_shapes`` is an (L, 2) int tensor, or a sequence of L (H, W) pairs (then
+``level_start_index`` may be None): the pixel decoder passes the sequence, whose sizes stay
+symbolic under ``torch.export`` (a tensor's values would be data), so the reference can slice
+each level without reading tensor data and an exported graph serves every input size.
+``reference_kernels()`` makes every call in its scope run the reference (the ONNX export
+decomposes the op into ``grid_sample`` that way).
 """
+import contextlib
+import contextvars
+from typing import List, Sequence, Tuple, Union
+
 import torch
 from torch.nn import functional as F
 
@@ -30,7 +41,59 @@ __all__ = [
     "check_ms_deform_attn_offsets_shapes",
     "ms_deform_attn_from_offsets",
     "sampling_locations_from_offsets",
+    "level_shapes_tensor",
+    "level_start_tensor",
+    "reference_kernels",
 ]
+
+_FORCE_REFERENCE = contextvars.ContextVar("m2f_ms_deform_attn_reference", default=False)
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Run ``ms_deform_attn`` / ``ms_deform_attn_from_offsets`` as the PyTorch reference in this
+    scope, even where a compiled kernel exists (what an ONNX export traces)."""
+    token = _FORCE_REFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE.reset(token)
+
+
+def level_shapes_tensor(sizes: Sequence[Tuple[int, int]], device=None) -> torch.Tensor:
+    """(L, 2) int64 tensor of the (H, W) ``sizes``. Built from 0-d tensors, so that sizes that are
+    symbolic under torch.export stay symbolic (``torch.as_tensor`` would fix them to the example's)."""
+    return torch.stack([torch.stack([torch.scalar_tensor(h, dtype=torch.int64, device=device),
+                                     torch.scalar_tensor(w, dtype=torch.int64, device=device)]) for h, w in sizes])
+
+
+def level_start_tensor(spatial_shapes: torch.Tensor) -> torch.Tensor:
+    """(L,) offset of each level in the flattened (S) axis of an (L, 2) ``spatial_shapes``."""
+    return torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+
+
+SpatialShapes = Union[torch.Tensor, Sequence[Tuple[int, int]]]
+
+
+def _level_tensors(spatial_shapes: SpatialShapes, level_start_index, device):
+    """(spatial_shapes, level_start_index) as tensors, from either form of ``spatial_shapes``."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        return spatial_shapes, level_start_index
+    shapes = level_shapes_tensor(spatial_shapes, device)
+    return shapes, level_start_tensor(shapes) if level_start_index is None else level_start_index
+
+
+def _level_sizes(spatial_shapes: SpatialShapes, level_start_index) -> Tuple[List[Tuple[int, int]], List[int]]:
+    """Python (H, W) per level and its offset in S, without reading tensor data for a sequence."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        sizes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        return sizes, [int(s) for s in level_start_index.tolist()]
+    sizes = [(h, w) for h, w in spatial_shapes]
+    starts, total = [], 0
+    for h, w in sizes:
+        starts.append(total)
+        total = total + h * w
+    return sizes, starts
 
 # dtypes the compiled kernels implement, per device type; others run the reference.
 _COMPILED_DTYPES = {
@@ -129,14 +192,13 @@ def _check_level_sizes(value, spatial_shapes):
 def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Bilinear sampling of each level with ``grid_sample`` (zero padding, align_corners=False).
 
-    value (N, S, M, D); spatial_shapes (L, 2) int64 as (H, W); level_start_index (L,);
-    sampling_locations (N, Lq, M, L, P, 2) normalised (x, y) in [0, 1];
-    attention_weights (N, Lq, M, L, P). Returns (N, Lq, M*D).
+    value (N, S, M, D); spatial_shapes (L, 2) int64 as (H, W), or L (H, W) pairs;
+    level_start_index (L,) (ignored for pairs); sampling_locations (N, Lq, M, L, P, 2) normalised
+    (x, y) in [0, 1]; attention_weights (N, Lq, M, L, P). Returns (N, Lq, M*D).
     """
     n, _, m, d = value.shape
     _, lq, _, nl, p, _ = sampling_locations.shape
-    sizes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    starts = [int(s) for s in level_start_index.tolist()]
+    sizes, starts = _level_sizes(spatial_shapes, level_start_index)
     # grid_sample wants coordinates in [-1, 1]
     grids = sampling_locations * 2 - 1
     sampled = []
@@ -165,9 +227,12 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     a device-to-host copy and a stream synchronisation per call. The kernel never reads outside
     ``value``: it treats a level that does not fit inside S as empty.
     """
+    sizes = spatial_shapes
+    spatial_shapes, level_start_index = _level_tensors(spatial_shapes, level_start_index, value.device)
     check_ms_deform_attn_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     device_type = value.device.type
-    compiled = value.dtype in _COMPILED_DTYPES.get(device_type, ()) and state.compiled_available(device_type)
+    compiled = (value.dtype in _COMPILED_DTYPES.get(device_type, ()) and not _FORCE_REFERENCE.get()
+                and state.compiled_available(device_type))
     if not torch.compiler.is_compiling() and not (compiled and spatial_shapes.device.type == "cuda"):
         _check_level_sizes(value, spatial_shapes)
     if compiled:
@@ -182,6 +247,8 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
             sampling_locations.contiguous(),
             attention_weights.contiguous(),
         )
+    if not isinstance(sizes, torch.Tensor):  # the pairs: no tensor data read, even while exporting
+        spatial_shapes, level_start_index = sizes, None
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
@@ -194,6 +261,7 @@ def sampling_locations_from_offsets(reference_points, sampling_offsets, spatial_
     query the offsets were predicted from (in float32 even when autocast made the offsets
     float16 / bfloat16: a size like 304 has no exact bfloat16)."""
     dtype = torch.promote_types(sampling_offsets.dtype, reference_points.dtype)
+    spatial_shapes, _ = _level_tensors(spatial_shapes, 0, sampling_offsets.device)
     normalizer = spatial_shapes.flip(-1).to(device=sampling_offsets.device, dtype=dtype)
     return reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None, :]
 
@@ -203,12 +271,12 @@ def _uses_offsets_op(value, spatial_shapes, level_start_index, reference_points,
     """Whether ``ms_deform_attn_from_offsets`` can run ``mask2former::ms_deform_attn_offsets``:
     CPU tensors of one compiled dtype, no autograd (the op has none), and the compiled kernel."""
     dtype = value.dtype
-    if dtype not in _COMPILED_DTYPES["cpu"]:
+    if dtype not in _COMPILED_DTYPES["cpu"] or _FORCE_REFERENCE.get():
         return False
     for t in (value, reference_points, sampling_offsets, attention_weights):
         if t.device.type != "cpu" or t.dtype != dtype:
             return False
-    if spatial_shapes.device.type != "cpu" or level_start_index.device.type != "cpu":
+    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in (spatial_shapes, level_start_index)):
         return False
     if torch.is_grad_enabled() and any(
         t.requires_grad for t in (value, reference_points, sampling_offsets, attention_weights)
@@ -237,6 +305,7 @@ def ms_deform_attn_from_offsets(
     """
     if fused and _uses_offsets_op(value, spatial_shapes, level_start_index, reference_points, sampling_offsets,
                                   attention_weights):
+        spatial_shapes, level_start_index = _level_tensors(spatial_shapes, level_start_index, value.device)
         reference_points = _broadcast_reference_points(reference_points, sampling_offsets)
         check_ms_deform_attn_offsets_shapes(
             value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights

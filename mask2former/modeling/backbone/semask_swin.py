@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from ...config.configurable import configurable
 from ...layers import ShapeSpec
 from ...utils.registry import BACKBONE_REGISTRY
-from .swin import BasicLayer, D2SwinTransformer, window_partition, window_reverse
+from .swin import BasicLayer, D2SwinTransformer, whole_windows, window_partition, window_reverse
 
 __all__ = ["SemanticAttention", "SemanticLayer", "SeMaskBasicLayer", "D2SeMaskSwinTransformer",
            "official_global_stages"]
@@ -109,8 +109,8 @@ class SemanticLayer(nn.Module):
             return self._blocks(x)
         x = x.view(B, H, W, C)
         # zero-pad the normalised tokens to whole windows; the padding is attended to, unmasked
-        x = F.pad(x, (0, 0, 0, (ws - W % ws) % ws, 0, (ws - H % ws) % ws))
-        Hp, Wp = x.shape[1], x.shape[2]
+        Hp, Wp = whole_windows(H, ws), whole_windows(W, ws)
+        x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         prior, x = self._blocks(window_partition(x, ws).view(-1, ws * ws, C))
         x = window_reverse(x.view(-1, ws, ws, C), ws, Hp, Wp)[:, :H, :W]
         prior = window_reverse(prior.view(-1, ws, ws, self.num_classes), ws, Hp, Wp)[:, :H, :W]

@@ -11,7 +11,6 @@ to the patch size, every block pads its normalised tokens to a multiple of the w
 padded tokens take part in attention), shifted windows use a -100 additive mask, and patch merging
 pads odd sizes and concatenates (even row, even col), (odd, even), (even, odd), (odd, odd).
 """
-import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -27,6 +26,12 @@ from .backbone import Backbone
 
 __all__ = ["WindowAttention", "SwinTransformerBlock", "PatchMerging", "BasicLayer", "PatchEmbed",
            "D2SwinTransformer", "window_partition", "window_reverse"]
+
+
+def whole_windows(size: int, ws: int) -> int:
+    """``size`` rounded up to a multiple of ``ws``, in integer arithmetic: under torch.export a
+    float ceil or nested modulos of a symbolic size make its shape reasoning take minutes."""
+    return (size + ws - 1) // ws * ws
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -54,14 +59,16 @@ def relative_position_index(window_size) -> torch.Tensor:
 
 def shifted_window_mask(Hp: int, Wp: int, ws: int, shift: int, device=None) -> torch.Tensor:
     """(nW, ws*ws, ws*ws) additive mask (0 or -100) for attention in cyclically shifted windows of a
-    (Hp, Wp) map: tokens from different regions of the rolled map must not attend to each other."""
-    img = torch.zeros((1, Hp, Wp, 1), device=device)
-    region = 0
-    bands = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
-    for h in bands:
-        for w in bands:
-            img[:, h, w, :] = region
-            region += 1
+    (Hp, Wp) map: tokens from different regions of the rolled map must not attend to each other.
+    Along each axis the regions are the bands [0, n - ws), [n - ws, n - shift), [n - shift, n); a
+    token's region is 3 * (row band) + (column band), computed by comparison rather than by slice
+    assignment (the first band is empty for a one-window map, a case a traced slice would fix)."""
+
+    def bands(n):
+        i = torch.arange(n, device=device)
+        return (i >= n - ws).float() + (i >= n - shift).float()
+
+    img = (bands(Hp)[:, None] * 3 + bands(Wp)[None, :])[None, :, :, None]
     labels = window_partition(img, ws).view(-1, ws * ws)
     diff = labels.unsqueeze(1) - labels.unsqueeze(2)
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
@@ -137,9 +144,8 @@ class SwinTransformerBlock(nn.Module):
         shortcut = x
         x = self.norm1(x).view(B, H, W, C)
         # Zero-pad the *normalised* tokens bottom/right to whole windows (as the reference does).
-        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = x.shape[1], x.shape[2]
+        Hp, Wp = whole_windows(H, ws), whole_windows(W, ws)
+        x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         if shift > 0:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
         windows = window_partition(x, ws).view(-1, ws * ws, C)
@@ -202,7 +208,7 @@ class BasicLayer(nn.Module):
     def forward_blocks(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """The stage's transformer blocks: (B, H*W, C) -> (B, H*W, C)."""
         ws = self.window_size
-        Hp, Wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
+        Hp, Wp = whole_windows(H, ws), whole_windows(W, ws)
         attn_mask = shifted_window_mask(Hp, Wp, ws, self.shift_size, device=x.device)
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():

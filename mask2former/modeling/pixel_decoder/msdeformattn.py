@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...config.configurable import configurable
+from ...ops import level_shapes_tensor, level_start_tensor
 from ...layers import Conv2d, MSDeformAttn, PositionEmbeddingSine, ShapeSpec, c2_xavier_fill, clones, ffn_block
 from ...utils.registry import PIXEL_DECODER_REGISTRY
 from .fpn import (
@@ -109,10 +110,9 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         pos_flat = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)], 1
         )
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        memory = self.encoder(src_flat, spatial_shapes, level_start_index, shapes, pos_flat)
-        return memory, shapes, level_start_index
+        # the layers get the (H, W) pairs, not a tensor of them: sizes stay symbolic under torch.export
+        memory = self.encoder(src_flat, shapes, None, shapes, pos_flat)
+        return memory, shapes, level_start_tensor(level_shapes_tensor(shapes, src_flat.device))
 
 
 @PIXEL_DECODER_REGISTRY.register()
