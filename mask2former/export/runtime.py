@@ -62,6 +62,9 @@ def _onnxruntime_runner(path: str, providers: Optional[Sequence] = None, threads
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # idle worker threads sleep instead of spinning: the model's own pre- and post-processing (torch)
+    # runs between network calls on the same cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(path, options, providers=list(providers or ["CPUExecutionProvider"]))
     metadata = {k[len("mask2former."):]: v for k, v in session.get_modelmeta().custom_metadata_map.items()
                 if k.startswith("mask2former.")}
@@ -83,7 +86,10 @@ def _openvino_runner(path: str, threads: Optional[int] = None):
     import onnx
 
     core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": int(threads)} if threads else {}
+    # float32 as exported: on CPUs with bf16 support OpenVINO would otherwise compute in bf16
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
     compiled = core.compile_model(core.read_model(path), "CPU", config)
     props = onnx.load(path, load_external_data=False).metadata_props
     metadata = {p.key[len("mask2former."):]: p.value for p in props if p.key.startswith("mask2former.")}
@@ -126,7 +132,7 @@ def check_pt2_archive(path: str) -> None:
                 pickled = [k for k, v in config.items() if isinstance(v, dict) and v.get("use_pickle")]
                 if pickled:
                     raise ExportError(f"{path}: {name} stores {pickled[:3]} as pickles, which could run code; refused")
-            elif name.endswith((".pt", ".pkl", ".pth")):
+            elif name.endswith((".pt", ".pkl", ".pth")) and archive.getinfo(name).file_size:  # empty: not read
                 try:
                     torch.load(io.BytesIO(archive.read(name)), weights_only=True)
                 except Exception as exc:  # noqa: BLE001 - any failure of the safe load means "refuse"
