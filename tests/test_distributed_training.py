@@ -8,7 +8,8 @@ batch by the world size, as Detectron2 does). The global sample stream gives the
 iteration i the positions 4i..4i+3 and rank r the positions 4i+r and 4i+r+2 (a subset of the
 same set), and every sample is augmented by a generator keyed by (seed, position), not by rank or
 loader worker (the 2-process run uses a loader worker, the 1-process run none). The test checks
-both on what the runs actually fed the model.
+both on what the runs actually fed the model. (The synthetic images are square: the aspect-ratio
+grouping of the config forms a single group, which keeps the batches of consecutive positions.)
 
 What legitimately makes the two runs differ, and how the test's config settles it:
 
