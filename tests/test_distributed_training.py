@@ -56,7 +56,6 @@ file is ``train_net.py`` with :class:`ProbedTrainer`.
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -68,10 +67,10 @@ if str(REPO) not in sys.path:  # run as a script: sys.path[0] is tests/
     sys.path.insert(0, str(REPO))
 
 import mask2former  # noqa: E402
-from mask2former.engine import Trainer  # noqa: E402
-from mask2former.utils import comm  # noqa: E402
 from mask2former.checkpoint import read_checkpoint  # noqa: E402
 from mask2former.data.datasets import synthetic  # noqa: E402
+from mask2former.engine import Trainer  # noqa: E402
+from mask2former.utils import comm  # noqa: E402
 from mask2former.utils.rng import seeded_global_rngs  # noqa: E402
 from tests.conftest import EVAL, PARITY, require_shared, run_python  # noqa: E402
 
@@ -126,7 +125,7 @@ class ProbedTrainer(Trainer):
     augmented image and masks), digests of the start and final weights; 1 process also saves the
     start weights (INITIAL_WEIGHTS)."""
 
-    batches = []
+    batches = []  # this process' batches (the loader is built by a classmethod)
 
     @classmethod
     def build_model(cls, cfg):
