@@ -1,13 +1,13 @@
 """The ahead-of-time build of the compiled ops (``setup.py`` with ``M2F_BUILD_OPS=1``) and how the
 backend loads it (mask2former/ops/backend/aot.py, issue 18).
 
-The slow tests build the ops through setup.py from a copy of the sources in a temporary directory
-(the checkout is never touched; one CPU-only build, ~40 s on 2 cores), then load that library in
-fresh processes (``M2F_OPS_LIBRARY``): ``ms_deform_attn`` against the reference, no JIT build,
-and ``python -m mask2former.ops info`` naming the ahead-of-time build. The others compile nothing:
-setup.py without M2F_BUILD_OPS (no extension, no torch import), what it would compile, where the
-library is looked for, and how a prebuilt library that does not fit is refused (JIT fallback with
-one warning; an error under ``M2F_OPS=compiled``).
+The slow test builds the ops through setup.py from a copy of the sources in a temporary directory
+(the checkout is never touched; one CPU-only build, ~40 s on 2 cores), then loads that library in
+fresh processes (``M2F_OPS_LIBRARY``): ``ms_deform_attn`` against the reference, no JIT build, and
+``python -m mask2former.ops info`` / ``build`` naming the ahead-of-time build. The others compile
+nothing: setup.py without M2F_BUILD_OPS (no extension, no torch import), what it would compile,
+where the library is looked for, and how a prebuilt library that does not fit is refused (JIT
+fallback with one warning; an error under ``M2F_OPS=compiled``).
 """
 import importlib.machinery
 import json
@@ -106,6 +106,9 @@ def test_aot_build_loads_and_matches_the_reference(aot_library, tmp_path):
     assert info.returncode == 0, info.stderr[-3000:]
     assert f"ahead-of-time build: {aot_library}\n" in info.stdout, info.stdout
     assert "cpu backend: compiled CPU" in info.stdout and "not used" not in info.stdout
+    build = run_python(["-m", "mask2former.ops", "build"], **env)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert build.stdout.startswith(f"nothing to build, the ahead-of-time build is loaded: {aot_library}\n")
     assert list(ext_dir.iterdir()) == []
 
 

@@ -5,9 +5,10 @@
 this torch, else the JIT build (``jit.py``, compiled on first use). A prebuilt library that is
 there but cannot be used is reported with one warning and the JIT build is used (under
 ``M2F_OPS=compiled`` it is an error). With ``M2F_OPS=compiled`` a build failure raises
-RuntimeError, otherwise it warns once and reports the reference backend. ``build`` forces a build. ``compiled_available(device_type)``
-is what op wrappers ask before calling a compiled op; for CUDA tensors that must run the
-reference although the library was built it warns once (unless ``M2F_OPS_CUDA=0``).
+RuntimeError, otherwise it warns once and reports the reference backend. ``build`` forces a
+build. ``compiled_available(device_type)`` is what op wrappers ask before calling a compiled op;
+for CUDA tensors that must run the reference although the library was built it warns once
+(unless ``M2F_OPS_CUDA=0``).
 
 ``on_library_loaded(hook)``: op modules register here what must happen once the library is
 loaded (fake kernels, autograd); this module does not know the ops.
