@@ -10,7 +10,9 @@
 * :func:`require_compiled_cpu_ops` and ``isa``: each CPU kernel variant (M2F_OPS_CPU_ISA) in turn, for test files that define an ``op``
   fixture (the compiled op they test).
 * :func:`run_python`: ``python ARGS`` from the repository root, as a user runs the command lines;
-  ``ops_info_cli``: one run of ``python -m mask2former.ops info`` shared by the tests that read it.
+  ``ops_info_cli``: one run of ``python -m mask2former.ops info`` shared by the tests that read it;
+  ``fresh_backend`` / :func:`reset_ops_backend`: the ops backend of this process as before its first
+  load (test_ops*.py).
 """
 import importlib
 import os
@@ -90,6 +92,21 @@ def ops_info_cli() -> subprocess.CompletedProcess:
     """``python -m mask2former.ops info`` run once, with the CPU kernel variant capped to generic
     (M2F_OPS_CPU_ISA=generic, which any machine runs)."""
     return run_python(["-m", "mask2former.ops", "info"], M2F_OPS_CPU_ISA="generic")
+
+
+def reset_ops_backend(monkeypatch) -> None:
+    """The ops backend state of this process as before the first load (restored when the test
+    ends): the next ``backend_info()`` reads M2F_OPS and the toolchain anew, and may warn again."""
+    from mask2former.ops.backend import state
+
+    for name, value in (("_info", None), ("_warned", False), ("_warned_cuda", False)):
+        monkeypatch.setattr(state, name, value)
+
+
+@pytest.fixture
+def fresh_backend(monkeypatch):
+    """:func:`reset_ops_backend` before the test."""
+    reset_ops_backend(monkeypatch)
 
 
 @pytest.fixture(scope="module")

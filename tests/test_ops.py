@@ -239,16 +239,6 @@ def test_errors_are_clear(op):
 
 
 # ------------------------------------------------------------------------------------- backends
-@pytest.fixture
-def fresh_backend(monkeypatch):
-    """The backend state of this process as before the first load (restored afterwards): the next
-    ``backend_info()`` reads M2F_OPS and the toolchain anew, and may warn again."""
-    from mask2former.ops.backend import state
-
-    for name, value in (("_info", None), ("_warned", False), ("_warned_cuda", False)):
-        monkeypatch.setattr(state, name, value)
-
-
 @pytest.mark.slow
 def test_info_reports_compiled(op, ops_info_cli):
     """The compiled backend, and the CPU kernel variant it runs: M2F_OPS_CPU_ISA=generic caps it

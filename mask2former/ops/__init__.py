@@ -10,7 +10,8 @@ Layout (imports go one way, down this list):
     _registration.py           fake kernels and autograd of the compiled ops, installed through
                                a load hook of the backend (the C++ library names this module)
     ms_deform_attn.py, frozen_bn.py   wrappers, references and input checks of each op
-    backend/                   build, load and state of the C++ library (knows no op module)
+    backend/                   build (JIT, or ahead-of-time through ../../setup.py), load and state
+                               of the C++ library (knows no op module)
     csrc/                      C++/CUDA sources; ``library.cpp`` declares every op's schema
     _extension.py              alias of the names ``backend/`` now holds
 
@@ -20,6 +21,17 @@ Build: the sources in ``csrc/`` ship as package data and are compiled on first u
 directory's name carries a hash of the sources, the flags and the torch version, so checkouts
 with different sources never rebuild each other's copy; concurrent processes build once.
 ``pip install`` needs neither torch nor a compiler.
+
+Ahead-of-time build (``backend/aot.py``), for machines that cannot compile at run time (cluster
+compute nodes without a compiler): ``M2F_BUILD_OPS=1 pip install --no-build-isolation -e .``
+compiles the same sources with the same flags at install time, through the top-level
+``setup.py``, into ``mask2former/ops/_C<EXT_SUFFIX>`` (CUDA included when torch has CUDA, nvcc is
+found and ``$TORCH_CUDA_ARCH_LIST`` or a visible GPU names the architectures). When that file
+(or the one ``$M2F_OPS_LIBRARY`` names) records the build id of these sources, this torch and
+this Python, it is loaded instead of the JIT build; a prebuilt library that does not fit or does
+not load is reported with one warning and the JIT build is used (an error under
+``M2F_OPS=compiled``). ``python -m mask2former.ops info`` prints ``ahead-of-time build: <path>``
+or ``JIT build: <path>`` and, for the latter, why no ahead-of-time build was used.
 
 Backend selection, environment variable ``M2F_OPS``:
     auto (default)  use the compiled kernels; if they cannot be built, warn once and use the

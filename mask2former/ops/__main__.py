@@ -3,7 +3,9 @@
     python -m mask2former.ops build [-v]   build (or verify the cached build of) the kernels
     python -m mask2former.ops build --cuda-check [--arch-list "8.0;9.0"] [--build-dir DIR] [-v]
                                            compile + link the CUDA kernels without a GPU (CI)
-    python -m mask2former.ops info         say which kernels run (ms_deform_attn, frozen_bn_act) and why
+    python -m mask2former.ops info         say which kernels run (ms_deform_attn, frozen_bn_act) and why,
+                                           and which build is loaded: "ahead-of-time build: <path>"
+                                           (setup.py, M2F_BUILD_OPS=1) or "JIT build: <path>"
 """
 import argparse
 import os
@@ -11,7 +13,7 @@ import sys
 
 import torch
 
-from .backend import cuda_check, env, state, toolchain
+from .backend import aot, cuda_check, env, state, toolchain
 from .backend.jit import BackendInfo
 from .frozen_bn import frozen_bn_act_compiled
 
@@ -45,6 +47,9 @@ def _print_info(info: BackendInfo) -> None:
         print(f"frozen_bn_act: {'compiled CPU' if bitwise else 'reference'} "
               f"(kernel {'matches' if bitwise else 'does not match'} torch's batch_norm bitwise)")
         print(f"library: {info.library}")
+        print(f"{info.build} build: {info.library}")
+    if info.aot_reason:
+        print(f"{aot.BUILD} build not used: {info.aot_reason}")
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root is None:
         root = f"{toolchain.import_cpp_extension().get_default_build_root()} (default; set TORCH_EXTENSIONS_DIR)"
@@ -89,7 +94,10 @@ def main(argv=None) -> int:
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print(f"built in {info.build_seconds:.1f} s: {info.library}")
+        if info.build == aot.BUILD:
+            print(f"nothing to build, the {aot.BUILD} build is loaded: {info.library}")
+        else:
+            print(f"built in {info.build_seconds:.1f} s: {info.library}")
         _print_info(info)
         return 0
     # info: any build failure is reported through the info (and a warning), not raised,

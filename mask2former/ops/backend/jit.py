@@ -19,10 +19,12 @@ import torch
 
 from . import env, sources, toolchain
 
-__all__ = ["PROBE_OP", "BackendInfo", "want_cuda", "kernel_registered", "compile_and_load", "load"]
+__all__ = ["BUILD", "PROBE_OP", "BackendInfo", "cuda_unusable", "want_cuda", "kernel_registered", "compile_and_load",
+           "loaded_info", "load"]
 
 # The operator whose registered kernels tell which devices the library covers.
 PROBE_OP = "mask2former::ms_deform_attn"
+BUILD = "JIT"  # BackendInfo.build of a library built (or found cached) by this module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,8 @@ class BackendInfo:
     build_seconds: Optional[float] = None  # time spent in cpp_extension.load (build or no-op check)
     cuda_reason: Optional[str] = None  # why there is no CUDA kernel (None when there is one)
     cuda_arch_list: Optional[str] = None  # TORCH_CUDA_ARCH_LIST the CUDA kernel was built for
+    build: Optional[str] = None  # how the library got here: "JIT" or "ahead-of-time" (backend/aot.py)
+    aot_reason: Optional[str] = None  # why no ahead-of-time build was loaded (None when one was)
 
     def describe(self, device_type: str) -> str:
         if device_type == "cpu":
@@ -46,17 +50,23 @@ class BackendInfo:
         return "reference"
 
 
-def want_cuda() -> Optional[str]:
-    """None when the CUDA source should be built, else the reason it is not."""
-    if not sources.cuda_source_present():
-        return "no CUDA kernel source in this version"
+def cuda_unusable() -> Optional[str]:
+    """None when a CUDA kernel can be used here (``M2F_OPS_CUDA`` not 0, torch with CUDA, a
+    visible GPU), else the reason it cannot."""
     if env.cuda_opted_out():
         return "M2F_OPS_CUDA=0"
     if torch.version.cuda is None:
         return "torch was built without CUDA"
     if not torch.cuda.is_available():
         return "no CUDA device visible"
-    return toolchain.cuda_toolchain_missing()
+    return None
+
+
+def want_cuda() -> Optional[str]:
+    """None when the CUDA source should be built, else the reason it is not."""
+    if not sources.cuda_source_present():
+        return "no CUDA kernel source in this version"
+    return cuda_unusable() or toolchain.cuda_toolchain_missing()
 
 
 def kernel_registered(key: str) -> bool:
@@ -107,12 +117,19 @@ def load(verbose: bool) -> BackendInfo:
             cuda_skip = f"CUDA build failed: {exc}"
     if library is None:
         library, seconds, _ = compile_and_load(False, verbose)
+    return loaded_info("built from csrc/", library, seconds, cuda_skip, arch_list, BUILD)
+
+
+def loaded_info(reason: str, library, seconds, cuda_skip: Optional[str], arch_list: Optional[str],
+                build: str) -> BackendInfo:
+    """The BackendInfo of a loaded library: which kernels it registered, ``reason`` completed by
+    the CUDA kernel's architectures or why there is none (``cuda_skip``)."""
     cpu, cuda = kernel_registered("CPU"), kernel_registered("CUDA")
-    reason = "built from csrc/"
     cuda_reason = None
     if not cuda:
         cuda_reason = cuda_skip or "CUDA kernel not registered"
         reason += f"; CUDA kernel not built ({cuda_reason})"
     else:
         reason += f"; CUDA kernel for TORCH_CUDA_ARCH_LIST={arch_list}"
-    return BackendInfo(True, cpu, cuda, reason, str(library), seconds, cuda_reason, arch_list if cuda else None)
+    return BackendInfo(True, cpu, cuda, reason, str(library), seconds, cuda_reason, arch_list if cuda else None,
+                       build)

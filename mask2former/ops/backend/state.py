@@ -1,21 +1,26 @@
 """The process-wide backend of the compiled operators.
 
-``backend_info`` loads the library once (building it if needed) and caches the ``BackendInfo``;
-with ``M2F_OPS=compiled`` a build failure raises RuntimeError, otherwise it warns once and
-reports the reference backend. ``build`` forces a build. ``compiled_available(device_type)``
-is what op wrappers ask before calling a compiled op; for CUDA tensors that must run the
-reference although the library was built it warns once (unless ``M2F_OPS_CUDA=0``).
+``backend_info`` loads the library once and caches the ``BackendInfo``: the ahead-of-time build
+(``aot.py``, from ``setup.py`` with ``M2F_BUILD_OPS=1``) when there is one for these sources and
+this torch, else the JIT build (``jit.py``, compiled on first use). A prebuilt library that is
+there but cannot be used is reported with one warning and the JIT build is used (under
+``M2F_OPS=compiled`` it is an error). With ``M2F_OPS=compiled`` a build failure raises
+RuntimeError, otherwise it warns once and reports the reference backend. ``build`` forces a
+build. ``compiled_available(device_type)`` is what op wrappers ask before calling a compiled op;
+for CUDA tensors that must run the reference although the library was built it warns once
+(unless ``M2F_OPS_CUDA=0``).
 
 ``on_library_loaded(hook)``: op modules register here what must happen once the library is
 loaded (fake kernels, autograd); this module does not know the ops.
 """
+import dataclasses
 import threading
 import warnings
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from . import env, jit
+from . import aot, env, jit
 from .jit import BackendInfo
 from .toolchain import BuildError
 
@@ -39,8 +44,31 @@ def on_library_loaded(hook: Callable[[], None]) -> None:
     hook()
 
 
+def _load_aot() -> Tuple[Optional[BackendInfo], Optional[str]]:
+    """(the loaded ahead-of-time build, None), or (None, why there is none in use)."""
+    if env.mode() == "reference":
+        return None, None
+    try:
+        return aot.load(), None
+    except aot.NotFound as exc:
+        return None, str(exc)
+    except aot.Unusable as exc:
+        if env.mode() == "compiled":
+            raise BuildError(f"the ahead-of-time build cannot be used: {exc}") from exc
+        warnings.warn(
+            f"mask2former.ops: not using the ahead-of-time build ({exc}); building the kernels now instead (JIT)",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return None, str(exc)
+
+
 def _load(verbose: bool) -> BackendInfo:
-    info = jit.load(verbose)
+    info, aot_reason = _load_aot()
+    if info is None:
+        info = jit.load(verbose)
+        if info.compiled:
+            info = dataclasses.replace(info, aot_reason=aot_reason)
     if info.compiled:
         for hook in list(_load_hooks):
             hook()

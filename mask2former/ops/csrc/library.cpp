@@ -154,3 +154,18 @@ TORCH_LIBRARY(mask2former, m) {
   // Diagnostics for `python -m mask2former.ops info`.
   m.def("_cpu_isa() -> str", &mask2former::ms_deform_attn_cpu_isa);
 }
+
+#ifdef M2F_AOT_BUILD_ID
+// Ahead-of-time builds (setup.py, M2F_BUILD_OPS=1) define M2F_AOT_BUILD_ID, a hash of csrc/, the
+// flags and the torch / Python versions, and M2F_AOT_CUDA_ARCHS when they include the CUDA kernel
+// (mask2former/ops/backend/aot.py). The loader reads this string from the file before loading it,
+// so a library built from other sources or for another torch is never loaded (its TORCH_LIBRARY
+// would take the namespace that the JIT build falls back to).
+#ifndef M2F_AOT_CUDA_ARCHS
+#define M2F_AOT_CUDA_ARCHS none
+#endif
+#define M2F_STRINGIFY_(x) #x
+#define M2F_STRINGIFY(x) M2F_STRINGIFY_(x)
+extern "C" C10_EXPORT const char m2f_aot_build_id[] =
+    "m2f_aot_build_id=" M2F_STRINGIFY(M2F_AOT_BUILD_ID) ";cuda_archs=" M2F_STRINGIFY(M2F_AOT_CUDA_ARCHS) ";";
+#endif
