@@ -261,7 +261,8 @@ def sampling_locations_from_offsets(reference_points, sampling_offsets, spatial_
     query the offsets were predicted from (in float32 even when autocast made the offsets
     float16 / bfloat16: a size like 304 has no exact bfloat16)."""
     dtype = torch.promote_types(sampling_offsets.dtype, reference_points.dtype)
-    spatial_shapes, _ = _level_tensors(spatial_shapes, 0, sampling_offsets.device)
+    if not isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = level_shapes_tensor(spatial_shapes, sampling_offsets.device)
     normalizer = spatial_shapes.flip(-1).to(device=sampling_offsets.device, dtype=dtype)
     return reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None, :]
 
