@@ -233,3 +233,34 @@ def test_a_pt2_archive_that_would_unpickle_code_is_refused(parity_dir, tmp_path)
         load_exported(str(not_zip), cfg)
     assert not marker.exists()
     assert load_exported(str(good), cfg).metadata["num_classes"] == "133"
+
+
+@pytest.mark.slow
+def test_without_compiled_ops_the_pt2_traces_the_reference_and_a_program_with_the_op_says_why(parity_dir, tmp_path):
+    """Under M2F_OPS=reference the .pt2 holds the grid_sample reference and runs; a program that
+    calls the compiled operator is refused with the reason, not torch's deserialisation error."""
+    from tests.conftest import require_compiled_cpu_ops
+
+    require_compiled_cpu_ops()
+    with_op = tmp_path / "with_op.pt2"
+    export_model(m2f.build_model(tiny_cfg(parity_dir)).eval(), str(with_op), height=64, width=64)
+    script = f"""
+import torch, mask2former as m2f
+from mask2former.export import ExportError, export_model, load_exported
+cfg = m2f.get_cfg(); cfg.merge_from_file({str(parity_dir / 'tiny_panoptic.yaml')!r})
+export_model(m2f.build_model(cfg).eval(), {str(tmp_path / 'ref.pt2')!r}, height=64, width=64)
+program = torch.export.load({str(tmp_path / 'ref.pt2')!r})
+targets = {{str(n.target) for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
+           for n in m.graph.nodes}}
+assert not any('mask2former' in t for t in targets), targets
+out = load_exported({str(tmp_path / 'ref.pt2')!r}, cfg)([{{'image': torch.rand(3, 75, 109) * 255}}])[0]
+assert tuple(out['sem_seg'].shape) == (133, 75, 109)
+try:
+    load_exported({str(with_op)!r}, cfg)
+except ExportError as exc:
+    print('refused:', exc)
+"""
+    proc = run_python(["-c", script], timeout=600, M2F_OPS="reference")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused:" in proc.stdout and "calls the compiled mask2former ops" in proc.stdout, proc.stdout
+    assert "M2F_OPS=reference" in proc.stdout

@@ -171,5 +171,6 @@ def export_model(model: nn.Module, path: str, fmt: Optional[str] = None, *, heig
     atomic_write(path, content)
     seconds = time.perf_counter() - start
     size = os.path.getsize(path)
-    logger.info("exported %s to %s (%s, %.1f MB) in %.1f s", type(model).__name__, path, fmt, size / 2**20, seconds)
+    logger.info("exported %s to %s (%s, %.1f MB) in %.1f s", metadata["meta_architecture"], path, fmt, size / 2**20,
+                seconds)
     return ExportResult(path=str(path), format=fmt, seconds=seconds, bytes=size, metadata=metadata)

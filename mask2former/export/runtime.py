@@ -143,10 +143,21 @@ def check_pt2_archive(path: str) -> None:
 def _torch_runner(path: str, device: str):
     from .. import ops  # noqa: F401  registers mask2former::* and their fake kernels
 
-    ops.build()  # the program calls the compiled operator: load (or build) the library first
     check_pt2_archive(path)
+    try:
+        ops.build()  # a program that calls the compiled operator needs the library loaded first
+        unavailable = None
+    except RuntimeError as exc:  # M2F_OPS=reference, no compiler: fine for a program traced without the op
+        unavailable = str(exc)
     extra = {PT2_METADATA: ""}
-    program = torch.export.load(path, extra_files=extra)
+    try:
+        program = torch.export.load(path, extra_files=extra)
+    except RuntimeError as exc:
+        if unavailable is None:
+            raise
+        raise ExportError(f"{path} calls the compiled mask2former ops, which are unavailable here ({unavailable}); "
+                          "export the model again under M2F_OPS=reference for a program without them, or let them build "
+                          "(python -m mask2former.ops info says why they do not)") from exc
     # torch's guards are stricter than the graph (see exporters.py); check_input does the real checks
     module = program.module(check_guards=False).to(device)
     metadata = json.loads(extra[PT2_METADATA]) if extra[PT2_METADATA] else {}
