@@ -179,3 +179,18 @@ def test_torch_program_keeps_the_compiled_operator(exported):
     targets = {str(n.target) for g in graphs for n in g.nodes if n.op == "call_function"}
     assert "mask2former.ms_deform_attn.default" in targets
     assert not any("grid_sampler" in t for t in targets)
+
+
+@pytest.mark.slow
+def test_openvino_runs_the_onnx_file(parity_dir, exported):
+    """The same .onnx file on OpenVINO (optional runtime): its metadata is read, float32 kept."""
+    pytest.importorskip("openvino", reason="OpenVINO is an optional runtime")
+    model, _, result = exported("panoptic", "onnx")
+    ov_model = load_exported(result["path"], parity_cfg(parity_dir, "panoptic"), "openvino")
+    assert ov_model.metadata["num_classes"] == "133" and ov_model.metadata["divisibility"] == "32"
+    io = np.load(parity_path(parity_dir, "panoptic", "_io.npz"))
+    image, out_hw = io["rocket_native__image"], io["rocket_native__out_hw"]
+    inp = {"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))).float(),
+           "height": int(out_hw[0]), "width": int(out_hw[1])}
+    out = ov_model([inp])[0]
+    assert float((out["sem_seg"] - run(model, image, out_hw)["sem_seg"]).abs().max()) <= PROB_TOL

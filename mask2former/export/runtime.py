@@ -82,17 +82,18 @@ def _openvino_runner(path: str, threads: Optional[int] = None):
         import openvino as ov
     except ImportError as exc:
         raise ImportError(f"runtime='openvino' needs OpenVINO ({exc}); pip install openvino") from exc
-    require_onnx()
-    import onnx
-
     core = ov.Core()
     # float32 as exported: on CPUs with bf16 support OpenVINO would otherwise compute in bf16
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = core.compile_model(core.read_model(path), "CPU", config)
-    props = onnx.load(path, load_external_data=False).metadata_props
-    metadata = {p.key[len("mask2former."):]: p.value for p in props if p.key.startswith("mask2former.")}
+    model = core.read_model(path)
+    compiled = core.compile_model(model, "CPU", config)
+    # the ONNX metadata_props, as OpenVINO keeps them (no second parse of the file)
+    info = model.get_rt_info()
+    framework = info["framework"] if "framework" in info else {}
+    metadata = {k[len("mask2former."):]: model.get_rt_info(["framework", k]).astype(str)
+                for k in framework if k.startswith("mask2former.")}
 
     def run(images: torch.Tensor) -> Dict[str, torch.Tensor]:
         check_input(images, metadata, path)
